@@ -1,0 +1,1 @@
+"""lightserve: a multi-process LLM serving system (TokenAttention KV cache, Efficient Router)."""

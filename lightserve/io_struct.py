@@ -1,0 +1,137 @@
+"""Typed messages that cross process boundaries.
+
+Every message between the httpserver, visual server, router, backend workers and the
+detokenizer is one of these dataclasses, never a bare tuple. They hold plain data only
+(ints, floats, strings, lists), so they travel over the private ipc sockets of one server
+instance and never over the network.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    EOS = "eos_token"  # an end-of-sequence token was sampled
+    STOP = "stop_sequence"  # a stop string matched in the text
+    ABORT = "abort"  # client gone, error or shutdown
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens of one request.
+
+    `temperature == 0` means greedy decoding (the other sampling knobs are then ignored).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0): no top-k cut
+    repetition_penalty: float = 1.0  # HF-style: over prompt and generated tokens
+    presence_penalty: float = 0.0  # OpenAI-style: over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI-style: over generated tokens
+    seed: Optional[int] = None  # None: a random seed is drawn (and reported back)
+    stop: list[str] = field(default_factory=list)  # stop strings, matched on text
+    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end a request
+    ignore_eos: bool = False
+    logprobs: int = 0  # number of top alternatives to return per token (0: only the chosen one)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError with a message naming the offending field."""
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"`{name}` {why}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            fail("max_new_tokens", "must be a positive integer")
+        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
+            fail("temperature", "must be in [0, 100]")
+        if not (0.0 < self.top_p <= 1.0):
+            fail("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            fail("top_k", "must be -1 (disabled) or a non-negative integer")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            fail("repetition_penalty", "must be in (0, 10]")
+        if not (-2.0 <= self.presence_penalty <= 2.0):
+            fail("presence_penalty", "must be in [-2, 2]")
+        if not (-2.0 <= self.frequency_penalty <= 2.0):
+            fail("frequency_penalty", "must be in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            fail("seed", "must be an integer in [0, 2^63)")
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
+            fail("logprobs", "must be an integer in [0, 20]")
+
+
+@dataclass
+class ImageItem:
+    """One image of a multimodal request, as the cache manager knows it."""
+
+    md5: str
+    record_id: int = -1  # cache_manager record holding bytes and embeddings
+    token_start: int = 0  # first placeholder position in the prompt
+    token_num: int = 0  # number of placeholder tokens (= embedding rows)
+
+
+@dataclass
+class GenerateReq:
+    """A tokenized request on its way to the router."""
+
+    req_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    images: list[ImageItem] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.time)
+
+
+@dataclass
+class AbortReq:
+    req_id: int
+
+
+@dataclass
+class TokenOut:
+    """One generated token of one request (router -> detokenizer)."""
+
+    req_id: int
+    token_id: int
+    logprob: float
+    finish_reason: Optional[FinishReason] = None
+    # Top alternatives as (token_id, logprob) when the request asked for them.
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    seed: Optional[int] = None
+
+
+@dataclass
+class BatchTokenOut:
+    outs: list[TokenOut]
+
+
+@dataclass
+class TextOut:
+    """Detokenized output of one request (detokenizer -> httpserver)."""
+
+    req_id: int
+    text: str  # the new text since the previous TextOut (may be "")
+    token_id: int
+    logprob: float
+    finish_reason: Optional[FinishReason] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    seed: Optional[int] = None
+    error: Optional[str] = None  # set when the request failed inside the server
+
+
+@dataclass
+class BatchTextOut:
+    outs: list[TextOut]

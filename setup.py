@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lightserve",
+    version="0.1.0",
+    description="A multi-process LLM serving system with TokenAttention KV cache and an Efficient Router",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lightserve", "lightserve.*"]),
+    package_data={"lightserve": ["backend/cpu_kernels/*.c"]},
+    install_requires=[
+        # torch is pinned by the README/.ci (install torch==2.13.0 first); a bare range here
+        # never pulls a different build when a suitable torch is already installed.
+        "torch>=2.3",
+        "triton",
+        "pyzmq",
+        "rpyc",
+        "transformers>=4.45",
+        "tokenizers",
+        "safetensors",
+        "starlette",
+        "uvicorn",
+        "numpy",
+        "prometheus_client",
+        "pydantic>=2",
+        "pillow",
+        "tqdm",
+        # Reading the embedded SmolLM2 GGUF (converted once into the local cache).
+        "gguf",
+        "accelerate",
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "hypothesis", "httpx", "openai", "huggingface_hub"],
+    },
+)
