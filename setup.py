@@ -14,7 +14,7 @@ setup(
         "triton",
         "pyzmq",
         "rpyc",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "tokenizers",
         "safetensors",
         "starlette",

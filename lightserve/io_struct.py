@@ -90,6 +90,8 @@ class GenerateReq:
     sampling: SamplingParams
     images: list[ImageItem] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.time)
+    # Tokens generated before the request was paused; recomputed with the prompt on resume.
+    output_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +111,7 @@ class TokenOut:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     seed: Optional[int] = None
+    error: Optional[str] = None  # the request failed or was refused inside the router/backend
 
 
 @dataclass
@@ -124,6 +127,8 @@ class TextOut:
     text: str  # the new text since the previous TextOut (may be "")
     token_id: int
     logprob: float
+    token_text: str = ""  # this token decoded on its own (TGI `details.tokens[].text`)
+    special: bool = False  # the token is a special token (e.g. EOS)
     finish_reason: Optional[FinishReason] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

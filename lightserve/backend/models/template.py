@@ -1,0 +1,191 @@
+"""The decoder-layer template and causal-LM shell shared by every model family.
+
+A layer runs: norm -> qkv -> rotary -> write KV -> attention -> o_proj -> all-reduce ->
+norm -> MLP -> all-reduce. Each step is a method (a hook); a family overrides only the hooks
+that differ (e.g. Qwen2 only needs the q/k/v biases, which the weights already carry).
+
+Tensor parallel: q/k/v and gate/up are split by output (column), o_proj and down by input
+(row), embedding and lm_head by vocab. The layer code is the same at any tp size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lightserve.backend.forward_state import ForwardState
+from lightserve.backend.models.config import ModelConfig
+from lightserve.backend.models.rotary import RotaryTable, apply_rotary
+from lightserve.backend.models.weights import CheckpointReader
+from lightserve.backend.parallel import TensorParallel
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' LlamaRMSNorm: statistics in fp32, scale in model dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LayerWeights:
+    """One decoder layer's weights for one rank, with q/k/v and gate/up fused into one matrix each."""
+
+    def __init__(self, reader: CheckpointReader, prefix: str, cfg: ModelConfig, tp: TensorParallel, dtype, device):
+        def load(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
+        q = reader.get_heads(attn + "q_proj.weight", tp, cfg.num_heads, cfg.head_dim)
+        k = reader.get_heads(attn + "k_proj.weight", tp, cfg.num_kv_heads, cfg.head_dim)
+        v = reader.get_heads(attn + "v_proj.weight", tp, cfg.num_kv_heads, cfg.head_dim)
+        self.qkv = load(torch.cat([q, k, v]))
+        self.qkv_bias: Optional[torch.Tensor] = None
+        if attn + "q_proj.bias" in reader:
+            qb = reader.get_heads(attn + "q_proj.bias", tp, cfg.num_heads, cfg.head_dim)
+            kb = reader.get_heads(attn + "k_proj.bias", tp, cfg.num_kv_heads, cfg.head_dim)
+            vb = reader.get_heads(attn + "v_proj.bias", tp, cfg.num_kv_heads, cfg.head_dim)
+            self.qkv_bias = load(torch.cat([qb, kb, vb]))
+        self.o_proj = load(reader.get_heads(attn + "o_proj.weight", tp, cfg.num_heads, cfg.head_dim, dim=1))
+        gate = reader.get_split(mlp + "gate_proj.weight", tp, dim=0)
+        up = reader.get_split(mlp + "up_proj.weight", tp, dim=0)
+        self.gate_up = load(torch.cat([gate, up]))
+        self.down = load(reader.get_split(mlp + "down_proj.weight", tp, dim=1))
+        self.input_norm = load(reader.get(prefix + "input_layernorm.weight"))
+        self.post_attention_norm = load(reader.get(prefix + "post_attention_layernorm.weight"))
+
+
+class DecoderLayer:
+    """The layer template. Subclasses override hooks; `forward` is the fixed order."""
+
+    def __init__(self, layer_id: int, weights: LayerWeights, cfg: ModelConfig, tp: TensorParallel, attention):
+        self.layer_id = layer_id
+        self.w = weights
+        self.cfg = cfg
+        self.tp = tp
+        self.attention = attention
+        self.heads = cfg.num_heads // tp.world_size
+        self.kv_heads = cfg.num_kv_heads // tp.world_size
+        self.head_dim = cfg.head_dim
+        self.q_size = self.heads * self.head_dim
+        self.kv_size = self.kv_heads * self.head_dim
+
+    def forward(self, hidden: torch.Tensor, state: ForwardState, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = self.attention_norm(hidden)
+        q, k, v = self.qkv(x)
+        q, k = self.rotary(q, k, state)
+        self.write_kv(k, v, kv, state)
+        o = self.attend(q, k, v, kv, state)
+        hidden = hidden + self.tp.all_reduce(self.o_proj(o))
+        x = self.ffn_norm(hidden)
+        return hidden + self.tp.all_reduce(self.ffn(x))
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.w.input_norm, self.cfg.rms_norm_eps)
+
+    def ffn_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = F.linear(x, self.w.qkv, self.w.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        n = x.shape[0]
+        return q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), v.view(n, self.kv_heads, self.head_dim)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, state.cos, state.sin), apply_rotary(k, state.cos, state.sin)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> None:
+        k_cache, v_cache = kv
+        k_cache.index_copy_(0, state.out_slots, k)
+        v_cache.index_copy_(0, state.out_slots, v)
+
+    def attend(self, q, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> torch.Tensor:
+        if state.is_prefill:
+            o = self.attention.prefill(q, k, v, state)
+        else:
+            o = self.attention.decode(q, kv[0], kv[1], state)
+        return o.reshape(o.shape[0], self.q_size)
+
+    def o_proj(self, o: torch.Tensor) -> torch.Tensor:
+        return F.linear(o, self.w.o_proj)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, self.w.gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w.down)
+
+
+class CausalLM:
+    """Embedding -> decoder layers -> final norm -> lm_head, for one tensor-parallel rank."""
+
+    layer_cls = DecoderLayer
+    weights_cls = LayerWeights
+    # Name prefix of the language model's tensors in the checkpoint (LLaVA nests it).
+    prefix = "model."
+    lm_head_name = "lm_head.weight"
+
+    def __init__(self, model_dir: str, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                 device: torch.device, attention):
+        self.cfg = cfg
+        self.tp = tp
+        self.dtype = dtype
+        self.device = device
+        self.attention = attention
+        self.validate_tp(cfg, tp)
+        reader = CheckpointReader(model_dir)
+        self.load_weights(reader)
+        self.rotary = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, device)
+
+    @staticmethod
+    def validate_tp(cfg: ModelConfig, tp: TensorParallel) -> None:
+        for what, n in (("attention heads", cfg.num_heads), ("key/value heads", cfg.num_kv_heads),
+                        ("intermediate size", cfg.intermediate_size), ("vocab size", cfg.vocab_size)):
+            if n % tp.world_size:
+                raise ValueError(f"number of {what} ({n}) is not divisible by --tp {tp.world_size}")
+
+    def load_weights(self, reader: CheckpointReader) -> None:
+        p, cfg = self.prefix, self.cfg
+        self.vocab_start, self.vocab_end = self.tp.shard(cfg.vocab_size, "vocab size")
+        embed_name = p + "embed_tokens.weight"
+        self.embed = reader.get_split(embed_name, self.tp, dim=0).to(self.device, self.dtype).contiguous()
+        head_name = self.lm_head_name if (self.lm_head_name in reader and not cfg.tie_word_embeddings) else embed_name
+        self.lm_head = (
+            self.embed if head_name == embed_name else reader.get_split(head_name, self.tp, dim=0).to(self.device, self.dtype).contiguous()
+        )
+        self.final_norm = reader.get(p + "norm.weight").to(self.device, self.dtype)
+        self.layers = [
+            self.layer_cls(i, self.weights_cls(reader, f"{p}layers.{i}.", cfg, self.tp, self.dtype, self.device),
+                           cfg, self.tp, self.attention)
+            for i in range(cfg.num_layers)
+        ]
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        if not self.tp.enabled:
+            return F.embedding(input_ids, self.embed)
+        # Vocab-parallel lookup: each rank fills the rows it owns, zeros elsewhere, then sum.
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed.shape[0])
+        out = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed)
+        out.mul_(mine.unsqueeze(-1).to(out.dtype))
+        return self.tp.all_reduce(out)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
+        logits = F.linear(x, self.lm_head).float()
+        return self.tp.all_gather_last_dim(logits)
+
+    # ---- the pass ------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, state: ForwardState, kv_cache, logits_rows: torch.Tensor) -> torch.Tensor:
+        """Run all layers; return fp32 logits [len(logits_rows), vocab] for the chosen rows only
+        (the lm_head is the largest matmul, so prefill computes only each request's last row)."""
+        self.rotary.ensure(state.max_seq_len)
+        state.cos, state.sin = self.rotary.lookup(state.positions)
+        self.attention.begin_step(state)
+        hidden = self.embed_tokens(input_ids, state)
+        for layer, kv in zip(self.layers, kv_cache):
+            hidden = layer.forward(hidden, state, kv)
+        return self.compute_logits(hidden.index_select(0, logits_rows))

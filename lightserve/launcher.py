@@ -1,0 +1,169 @@
+"""Starts and supervises the processes of one server instance.
+
+Order: backend ranks and the detokenizer start together (the ranks report the KV pool size),
+then the router, then the HTTP server runs in this process. Any child that fails to start
+stops everything with that child's error; any child that dies later turns /health to 503,
+fails the requests in flight and shuts the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Callable, Optional
+
+import uvicorn
+from transformers import AutoTokenizer
+
+from lightserve.backend.worker import start_backend_process
+from lightserve.detokenization.manager import start_detokenization_process
+from lightserve.httpserver.app import build_app
+from lightserve.httpserver.manager import HttpServerManager
+from lightserve.router.manager import start_router_process
+from lightserve.server_args import ServerArgs
+from lightserve.utils.process import ChildStatus
+from lightserve.utils.run_paths import RunPaths
+
+logger = logging.getLogger("lightserve")
+
+START_TIMEOUT_S = 600.0
+
+
+class ChildStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: mp.Process
+
+
+class ChildGroup:
+    """The child processes of this instance, started with the spawn context."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.children: list[Child] = []
+
+    def start(self, specs: list[tuple[str, Callable, tuple]]) -> list[ChildStatus]:
+        """Start every (name, entry, args) at once; wait until all report ready."""
+        waiting = []
+        for name, entry, args in specs:
+            parent_end, child_end = self.ctx.Pipe(duplex=False)
+            proc = self.ctx.Process(target=entry, args=(*args, child_end), name=name, daemon=True)
+            proc.start()
+            child_end.close()
+            self.children.append(Child(name, proc))
+            waiting.append((name, proc, parent_end))
+        return [self._await_ready(name, proc, pipe) for name, proc, pipe in waiting]
+
+    @staticmethod
+    def _await_ready(name: str, proc: mp.Process, pipe) -> ChildStatus:
+        ready = wait([pipe, proc.sentinel], timeout=START_TIMEOUT_S)
+        if pipe in ready:
+            try:
+                status: ChildStatus = pipe.recv()
+            except EOFError:
+                status = ChildStatus(name, ok=False, error=f"{name} exited during start-up (exit code {proc.exitcode})")
+        elif proc.sentinel in ready:
+            proc.join()
+            status = ChildStatus(name, ok=False, error=f"{name} exited during start-up (exit code {proc.exitcode})")
+        else:
+            status = ChildStatus(name, ok=False, error=f"{name} did not start within {START_TIMEOUT_S:.0f} s")
+        if not status.ok:
+            raise ChildStartError(status.error)
+        return status
+
+    def wait_for_death(self, stop: threading.Event) -> Optional[Child]:
+        """Block until a child exits (returns it) or `stop` is set (returns None)."""
+        sentinels = {c.process.sentinel: c for c in self.children}
+        while not stop.is_set():
+            ready = wait(list(sentinels), timeout=0.2)
+            if ready:
+                return sentinels[ready[0]]
+        return None
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        for c in self.children:
+            if c.process.is_alive():
+                c.process.terminate()
+        for c in self.children:
+            c.process.join(grace_s)
+            if c.process.is_alive():
+                c.process.kill()
+                c.process.join()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watch_children(children: ChildGroup, stop: threading.Event, on_death: Callable[[str], None]) -> None:
+    dead = children.wait_for_death(stop)
+    if dead is not None:
+        on_death(f"child process {dead.name} died (exit code {dead.process.exitcode})")
+
+
+def launch(args: ServerArgs) -> int:
+    from lightserve.utils.embedded_model import embedded_model_dir
+
+    # Until uvicorn installs its own handlers, SIGTERM must still run the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    model_dir = args.model_dir or str(embedded_model_dir())
+    tokenizer_dir = args.tokenizer_dir or model_dir
+    paths = RunPaths.create()
+    children = ChildGroup()
+    stop_watch = threading.Event()
+    try:
+        dist_addr = args.dist_init_addr or f"127.0.0.1:{free_port()}"
+        ranks = range(args.tp)
+        statuses = children.start(
+            [(f"backend-rank{r}", start_backend_process, (args, paths, model_dir, r, args.tp, dist_addr)) for r in ranks]
+            + [("detokenization", start_detokenization_process, (args, paths, tokenizer_dir))]
+        )
+        backend_info: dict[str, Any] = statuses[0].info
+        children.start([("router", start_router_process, (args, paths, backend_info["max_total_token_num"]))])
+        logger.info("backend ready: %s", backend_info)
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        manager = HttpServerManager(args, paths, tokenizer)
+        app = build_app(manager, args)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        exit_code = 0
+
+        def on_child_death(reason: str) -> None:
+            nonlocal exit_code
+            exit_code = 1
+            logger.error("%s; shutting down", reason)
+            loop = manager.loop
+            if loop is not None:
+                loop.call_soon_threadsafe(manager.fail_all, reason)
+            server.should_exit = True
+
+        threading.Thread(target=_watch_children, args=(children, stop_watch, on_child_death), daemon=True).start()
+        logger.info("lightserve serving %s on http://%s:%d", model_dir, args.host, args.port)
+        server.run()
+        return exit_code
+    except ChildStartError as e:
+        logger.error("start-up failed: %s", e)
+        return 1
+    finally:
+        stop_watch.set()
+        children.stop_all()
+        paths.remove()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = ServerArgs.from_cli(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(launch(args))

@@ -1,0 +1,81 @@
+"""The router process: receives requests, runs the scheduling loop, streams tokens out."""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing.connection import Connection
+
+import zmq
+
+from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, TokenOut
+from lightserve.router.req_queue import ReqQueue
+from lightserve.router.scheduler import Scheduler
+from lightserve.router.worker_client import WorkerGroup
+from lightserve.server_args import ServerArgs
+from lightserve.utils import serde
+from lightserve.utils.process import run_child
+from lightserve.utils.run_paths import RunPaths
+
+logger = logging.getLogger(__name__)
+
+
+class RouterManager:
+    def __init__(self, args: ServerArgs, paths: RunPaths, max_total_token_num: int):
+        self.args = args
+        ctx = zmq.Context()
+        self.inbox = ctx.socket(zmq.PULL)
+        self.inbox.bind(paths.router_in)
+        self.to_detok = ctx.socket(zmq.PUSH)
+        self.to_detok.connect(paths.detok_in)
+        self.workers = WorkerGroup(paths, args.tp)
+        self.queue = ReqQueue(
+            max_total_token_num=max_total_token_num,
+            running_max_req_size=args.running_max_req_size,
+            batch_max_tokens=args.resolved_batch_max_tokens(),
+            router_token_ratio=args.router_token_ratio,
+            router_max_new_token_len=args.router_max_new_token_len if args.router_token_ratio > 0 else None,
+            max_req_total_len=args.max_req_total_len,
+        )
+        self.scheduler = Scheduler(self.queue, self.workers, args.router_max_wait_tokens, max_total_token_num)
+
+    def loop(self) -> None:
+        while True:
+            self.receive(block=not self.scheduler.has_work)
+            outs = self.scheduler.step()
+            if outs:
+                self.to_detok.send(serde.dumps(BatchTokenOut(outs)))
+
+    def receive(self, block: bool) -> None:
+        """Take every message waiting (and wait for one if there is nothing to do)."""
+        flags = 0 if block else zmq.NOBLOCK
+        while True:
+            try:
+                msg = serde.loads(self.inbox.recv(flags))
+            except zmq.Again:
+                return
+            flags = zmq.NOBLOCK
+            if isinstance(msg, GenerateReq):
+                self.add_request(msg)
+            elif isinstance(msg, AbortReq):
+                self.scheduler.abort(msg.req_id)
+                self.to_detok.send(serde.dumps(msg))
+            else:
+                logger.error("router: unexpected message %r", type(msg).__name__)
+
+    def add_request(self, req: GenerateReq) -> None:
+        # The detokenizer learns the request (stop strings, prompt) before any of its tokens.
+        self.to_detok.send(serde.dumps(req))
+        why = self.queue.check_request_fits(len(req.prompt_ids), req.sampling.max_new_tokens)
+        if why is not None:
+            refusal = TokenOut(req.req_id, -1, 0.0, FinishReason.ABORT, error=why)
+            self.to_detok.send(serde.dumps(BatchTokenOut([refusal])))
+            return
+        self.scheduler.add(req)
+
+
+def start_router_process(args: ServerArgs, paths: RunPaths, max_total_token_num: int, pipe: Connection) -> None:
+    def setup():
+        router = RouterManager(args, paths, max_total_token_num)
+        return router.loop, {}
+
+    run_child("router", pipe, args.log_level, setup)

@@ -1,0 +1,275 @@
+"""The Efficient Router admission policy (DESIGN.md §4).
+
+A waiting request joins the running batch only if the *peak* KV demand of the batch with it stays
+within the KV pool. The peak is computed from each request's tokens held now and an estimate of
+the tokens it may still generate (`peak_kv_demand`). With the conservative estimate
+(`max_new_tokens - generated`, the default) the pool can never run out: no request is ever
+paused or preempted. The optional optimistic mode admits more on a smaller estimate and, when
+the pool does run short, names the newest requests to pause (`select_requests_to_pause`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from lightserve.io_struct import GenerateReq
+
+# Optimistic mode without `router_max_new_token_len`: the guess of a request's output length is
+# this quantile of the output lengths of recently finished requests. A high quantile keeps the
+# guess safe for most requests; the median would admit more but pause far more often.
+OBSERVED_OUTPUT_QUANTILE = 0.9
+OBSERVED_OUTPUT_WINDOW = 256
+# A request that already generated `g` tokens is assumed to produce at least `GROWTH * g` in all
+# (LightLLM's rule): requests that outlive the guess are re-estimated upwards as they go.
+GROWTH = 1.1
+
+
+def peak_kv_demand(held: np.ndarray, left: np.ndarray) -> int:
+    """The most KV slots a set of requests can need at once from now on, if none is added.
+
+    `held[i]`: slots request i holds now (prompt + tokens generated so far); `left[i]`: tokens it
+    may still generate. Every step each unfinished request writes one more token; a request that
+    finishes frees all its slots at once.
+
+    Why the formula: sort the requests by `left`, descending. Between two finishing times the
+    demand only grows (every live request adds a token per step), so the peak is reached just
+    before some request finishes. Request i (in sorted order) finishes after `left[i]` steps; at
+    that moment every request with fewer tokens left has already finished and freed its slots,
+    and requests 0..i are alive, each holding `held[j] + left[i]`. Hence
+
+        peak = max_i( left[i] * (i + 1) + cumsum(held)[i] ).
+
+    (With ties the largest index of a tied group counts the whole group, and `i = n-1` covers the
+    slots held now.) The demand is monotone in every `left[i]`, so any upper bound on the tokens
+    still to generate gives an upper bound on the real peak.
+    """
+    held = np.asarray(held, dtype=np.int64)
+    left = np.asarray(left, dtype=np.int64)
+    if held.size == 0:
+        return 0
+    order = np.argsort(-left, kind="stable")
+    alive = np.arange(1, held.size + 1, dtype=np.int64)
+    return int((left[order] * alive + np.cumsum(held[order])).max())
+
+
+@dataclass(slots=True)
+class RunningReqInfo:
+    """What admission needs to know about one request of the running batch."""
+
+    req_id: int  # ids grow with arrival (one counter in the httpserver): higher = newer
+    held_tokens: int  # KV slots held: prompt + tokens generated so far
+    max_new_tokens: int
+    generated: int
+    ignore_eos: bool = False  # such a request surely runs to max_new_tokens: never guessed shorter
+
+
+@dataclass(slots=True)
+class _Waiting:
+    req: GenerateReq
+    resumed: bool  # paused earlier: its generated tokens are recomputed with the prompt
+
+    @property
+    def held(self) -> int:
+        return len(self.req.prompt_ids) + len(self.req.output_ids)
+
+
+class ReqQueue:
+    """The FIFO of waiting requests and the decision which of them may start now.
+
+    Limits are plain arguments (not the server config) so that the policy can be tested and
+    simulated on its own:
+
+    - `max_total_token_num`: KV slots in the pool.
+    - `running_max_req_size`: most requests in the running batch.
+    - `batch_max_tokens`: most tokens prefilled by one new batch (prompt + recomputed output).
+    - `router_token_ratio`: 0 = conservative. In (0, 1] = optimistic (LightLLM's meaning): while the
+      running requests hold less than this share of the pool, the tokens still to generate are
+      estimated from a guessed output length instead of `max_new_tokens`.
+    - `router_max_new_token_len`: the guessed output length of optimistic mode. None: learned as a
+      high quantile of recently finished requests (fed by `record_finished`); until something
+      finished, the estimate stays conservative. Ignored in conservative mode, whose guarantee
+      needs the full `max_new_tokens`.
+    - `max_req_total_len`: most prompt + generated tokens of one request (the token table width),
+      checked at the door only.
+    """
+
+    def __init__(
+        self,
+        max_total_token_num: int,
+        running_max_req_size: int,
+        batch_max_tokens: int,
+        router_token_ratio: float = 0.0,
+        router_max_new_token_len: Optional[int] = None,
+        max_req_total_len: Optional[int] = None,
+    ):
+        if max_total_token_num < 1 or running_max_req_size < 1 or batch_max_tokens < 1:
+            raise ValueError("max_total_token_num, running_max_req_size and batch_max_tokens must be positive")
+        if not 0.0 <= router_token_ratio <= 1.0:
+            raise ValueError(f"router_token_ratio must be in [0, 1], got {router_token_ratio}")
+        if router_max_new_token_len is not None and router_max_new_token_len < 1:
+            raise ValueError("router_max_new_token_len must be positive")
+        self.max_total_token_num = max_total_token_num
+        self.running_max_req_size = running_max_req_size
+        self.batch_max_tokens = batch_max_tokens
+        self.router_token_ratio = router_token_ratio
+        self.router_max_new_token_len = router_max_new_token_len
+        self.max_req_total_len = max_req_total_len
+        self._waiting: deque[_Waiting] = deque()
+        self._observed_output: deque[int] = deque(maxlen=OBSERVED_OUTPUT_WINDOW)
+
+    # ---- the door ----------------------------------------------------------------------------
+    def check_request_fits(self, prompt_len: int, max_new_tokens: int) -> Optional[str]:
+        """Why a request can never run (so it is refused now, not left waiting forever), or None.
+
+        A request that passes always fits alone in an empty batch, so the FIFO never blocks on it.
+        """
+        total = prompt_len + max_new_tokens
+        if prompt_len < 1:
+            return "the prompt is empty"
+        if self.max_req_total_len is not None and total > self.max_req_total_len:
+            return (
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                f"exceeds max_req_total_len ({self.max_req_total_len})"
+            )
+        if total > self.max_total_token_num:
+            return (
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                f"exceeds the KV cache capacity ({self.max_total_token_num} tokens)"
+            )
+        if prompt_len > self.batch_max_tokens:
+            return f"prompt ({prompt_len} tokens) exceeds batch_max_tokens ({self.batch_max_tokens})"
+        return None
+
+    # ---- the waiting queue -------------------------------------------------------------------
+    def append(self, req: GenerateReq) -> None:
+        self._waiting.append(_Waiting(req, resumed=False))
+
+    def requeue_paused(self, reqs: Iterable[GenerateReq]) -> None:
+        """Put paused requests (their `output_ids` filled) back at the head, oldest first.
+
+        They go before every fresh request: they were admitted before those, and a paused request
+        already cost the work it has to redo. Among all paused requests waiting, the oldest
+        comes first.
+        """
+        resumed = [w for w in self._waiting if w.resumed]
+        for _ in resumed:  # resumed requests always form the head of the queue
+            self._waiting.popleft()
+        resumed.extend(_Waiting(r, resumed=True) for r in reqs)
+        resumed.sort(key=lambda w: w.req.req_id)
+        self._waiting.extendleft(reversed(resumed))
+
+    def abort(self, req_id: int) -> bool:
+        """Drop a waiting request; False when it is not waiting (running, finished or unknown)."""
+        for w in self._waiting:
+            if w.req.req_id == req_id:
+                self._waiting.remove(w)
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def record_finished(self, output_len: int) -> None:
+        """Note the output length of a finished request (learns the optimistic guess)."""
+        self._observed_output.append(output_len)
+
+    # ---- admission ---------------------------------------------------------------------------
+    def generate_new_batch(self, running: Sequence[RunningReqInfo]) -> list[GenerateReq]:
+        """Take from the head of the queue the requests that may start now, in FIFO order.
+
+        Stops at the first request that does not fit (KV peak, batch size or prefill tokens):
+        skipping it for smaller ones behind could starve a big request forever. The first
+        request of a new batch is exempt from `batch_max_tokens` (a resumed request's recompute
+        may exceed it; a fresh one was checked at the door), so the head can always start once
+        the running batch is empty.
+        """
+        room = self.running_max_req_size - len(running)
+        if room <= 0 or not self._waiting:
+            return []
+        held = np.fromiter((r.held_tokens for r in running), dtype=np.int64, count=len(running))
+        guess = self._output_len_guess() if self._is_optimistic(int(held.sum())) else None
+        left = self._estimate_left(
+            np.fromiter((r.max_new_tokens for r in running), dtype=np.int64, count=len(running)),
+            np.fromiter((r.generated for r in running), dtype=np.int64, count=len(running)),
+            np.fromiter((r.ignore_eos for r in running), dtype=bool, count=len(running)),
+            guess,
+        )
+        admitted: list[GenerateReq] = []
+        prefill_tokens = 0
+        for w in self._waiting:
+            if len(admitted) == room:
+                break
+            if admitted and prefill_tokens + w.held > self.batch_max_tokens:
+                break
+            sampling = w.req.sampling
+            w_left = self._estimate_left(
+                np.array([sampling.max_new_tokens]),
+                np.array([len(w.req.output_ids)]),
+                np.array([sampling.ignore_eos]),
+                guess,
+            )
+            cand_held = np.append(held, w.held)
+            cand_left = np.append(left, w_left)
+            if peak_kv_demand(cand_held, cand_left) > self.max_total_token_num:
+                break
+            held, left = cand_held, cand_left
+            prefill_tokens += w.held
+            admitted.append(w.req)
+        for _ in admitted:
+            self._waiting.popleft()
+        return admitted
+
+    def _is_optimistic(self, used_tokens: int) -> bool:
+        # LightLLM's rule: optimism only while the pool is not busy; above the ratio the estimate
+        # falls back to the conservative one, which limits how deep a shortage can get.
+        return self.router_token_ratio > 0.0 and used_tokens < self.router_token_ratio * self.max_total_token_num
+
+    def _output_len_guess(self) -> Optional[int]:
+        if self.router_max_new_token_len is not None:
+            return self.router_max_new_token_len
+        if not self._observed_output:
+            return None
+        return int(math.ceil(np.quantile(np.fromiter(self._observed_output, dtype=np.int64), OBSERVED_OUTPUT_QUANTILE)))
+
+    @staticmethod
+    def _estimate_left(
+        max_new: np.ndarray, generated: np.ndarray, ignore_eos: np.ndarray, guess: Optional[int]
+    ) -> np.ndarray:
+        """Tokens each request is assumed to still generate (never negative).
+
+        `guess`: the assumed output length in optimistic mode, None for the conservative estimate.
+        """
+        total = max_new
+        if guess is not None:
+            grown = np.ceil(GROWTH * generated).astype(np.int64)
+            total = np.where(ignore_eos, max_new, np.minimum(max_new, np.maximum(guess, grown)))
+        return np.maximum(total - generated, 0)
+
+    # ---- optimistic mode: running out of KV --------------------------------------------------
+    def select_requests_to_pause(self, running: Sequence[RunningReqInfo], free_slots_needed: int) -> list[int]:
+        """The newest running requests to pause so that the next decode step fits in the pool.
+
+        `free_slots_needed`: how many slots the next step lacks (for a decode step: running
+        requests minus free slots). Pausing a request frees its held slots and also removes its
+        own one-slot need from the step, so each paused request covers `held_tokens + 1`.
+
+        The oldest running request is never chosen: alone it always fits (the door check), so it
+        keeps making progress and paused requests cannot livelock the server. The caller frees
+        the chosen requests' KV and hands them to `requeue_paused`.
+        """
+        if free_slots_needed <= 0 or len(running) < 2:
+            return []
+        newest_first = sorted(running, key=lambda r: r.req_id, reverse=True)[:-1]
+        chosen: list[int] = []
+        covered = 0
+        for r in newest_first:
+            if covered >= free_slots_needed:
+                break
+            chosen.append(r.req_id)
+            covered += r.held_tokens + 1
+        return chosen

@@ -1,0 +1,138 @@
+"""The router's step: admit, run (prefill or decode), account.
+
+Shared by the router process (backend = the tensor-parallel workers over rpyc) and the
+offline `LLM` (backend = an in-process `ModelEngine`), so there is one scheduling policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from lightserve.io_struct import GenerateReq, TokenOut
+from lightserve.router.req_queue import ReqQueue, RunningReqInfo
+
+
+class Backend(Protocol):
+    """The batch operations of DESIGN §3 (`ModelEngine`, or all ranks through rpyc)."""
+
+    def prefill(self, batch_id: int, reqs: list[GenerateReq]) -> list[TokenOut]: ...
+    def decode(self, batch_id: int) -> list[TokenOut]: ...
+    def filter(self, batch_id: int, keep_req_ids: list[int]) -> None: ...
+    def merge(self, batch_id: int, other_id: int) -> None: ...
+    def pause(self, batch_id: int, req_ids: list[int]) -> list[GenerateReq]: ...
+    def remove(self, batch_id: int) -> None: ...
+
+
+@dataclass
+class RunningReq:
+    req: GenerateReq
+    generated: int  # tokens generated, incl. those recomputed after a pause
+
+    def info(self) -> RunningReqInfo:
+        return RunningReqInfo(
+            req_id=self.req.req_id,
+            held_tokens=len(self.req.prompt_ids) + self.generated,
+            max_new_tokens=self.req.sampling.max_new_tokens,
+            generated=self.generated,
+            ignore_eos=self.req.sampling.ignore_eos,
+        )
+
+
+class Scheduler:
+    def __init__(self, queue: ReqQueue, backend: Backend, max_wait_steps: int, max_total_token_num: int):
+        self.queue = queue
+        self.backend = backend
+        self.max_wait_steps = max_wait_steps
+        self.max_total_token_num = max_total_token_num
+        self.running: dict[int, RunningReq] = {}
+        self.batch_id: Optional[int] = None  # the one running batch on the backend
+        self._batch_ids = itertools.count()
+        self._steps_since_admission = 0
+        self._aborted: set[int] = set()
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def add(self, req: GenerateReq) -> None:
+        self.queue.append(req)
+
+    def abort(self, req_id: int) -> None:
+        """Forget a request: dropped from the queue now, from the running batch next step."""
+        if not self.queue.abort(req_id) and req_id in self.running:
+            self._aborted.add(req_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.queue) > 0
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[TokenOut]:
+        self._drop_aborted()
+        new_reqs = self._admit()
+        if new_reqs:
+            outs = self._prefill(new_reqs)
+        elif self.running:
+            self._make_room_for_decode()
+            outs = self.backend.decode(self.batch_id) if self.running else []
+            self._steps_since_admission += 1
+        else:
+            return []
+        self._account(outs)
+        return outs
+
+    # ---- parts of the step -------------------------------------------------------------------
+    def _admit(self) -> list[GenerateReq]:
+        if not len(self.queue):
+            return []
+        if self.running and self._steps_since_admission < self.max_wait_steps:
+            return []
+        self._steps_since_admission = 0
+        return self.queue.generate_new_batch([r.info() for r in self.running.values()])
+
+    def _prefill(self, reqs: list[GenerateReq]) -> list[TokenOut]:
+        new_id = next(self._batch_ids)
+        outs = self.backend.prefill(new_id, reqs)
+        for r in reqs:
+            self.running[r.req_id] = RunningReq(r, len(r.output_ids))
+        if self.batch_id is None:
+            self.batch_id = new_id
+        else:
+            self.backend.merge(self.batch_id, new_id)
+        return outs
+
+    def _account(self, outs: list[TokenOut]) -> None:
+        for out in outs:
+            running = self.running[out.req_id]
+            running.generated += 1
+            if out.finish_reason is not None:  # the backend already freed its KV
+                del self.running[out.req_id]
+                self.queue.record_finished(running.generated)
+        self._reset_if_idle()
+
+    def _drop_aborted(self) -> None:
+        gone = self._aborted & self.running.keys()
+        self._aborted.clear()
+        if not gone:
+            return
+        for req_id in gone:
+            del self.running[req_id]
+        self.backend.filter(self.batch_id, list(self.running))
+        self._reset_if_idle()
+
+    def _make_room_for_decode(self) -> None:
+        """Optimistic admission only: pause the newest requests if the next step would not fit."""
+        held = sum(len(r.req.prompt_ids) + r.generated - 1 for r in self.running.values())
+        free = self.max_total_token_num - held
+        if free >= len(self.running):
+            return
+        victims = self.queue.select_requests_to_pause([r.info() for r in self.running.values()], len(self.running) - free)
+        paused = self.backend.pause(self.batch_id, victims)
+        for req_id in victims:
+            del self.running[req_id]
+        self.queue.requeue_paused(paused)
+        self._reset_if_idle()
+
+    def _reset_if_idle(self) -> None:
+        if not self.running and self.batch_id is not None:
+            self.backend.remove(self.batch_id)
+            self.batch_id = None

@@ -1,0 +1,62 @@
+"""All configuration of a lightserve instance: one dataclass, filled from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, get_type_hints
+
+
+@dataclass
+class ServerArgs:
+    model_dir: Optional[str] = field(default=None, metadata={"help": "model directory (default: the embedded SmolLM2-135M-Instruct)"})
+    tokenizer_dir: Optional[str] = field(default=None, metadata={"help": "tokenizer directory (default: model_dir)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP bind address"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size (backend worker processes)"})
+    data_type: str = field(default="auto", metadata={"help": "float32 | bfloat16 | float16 | auto (bf16 where fast, else fp32)"})
+    device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
+    attention_backend: str = field(default="auto", metadata={"help": "auto | torch | cpu_native | triton"})
+    max_total_token_num: Optional[int] = field(default=None, metadata={"help": "KV slots per rank (default: sized from --mem_fraction)"})
+    mem_fraction: float = field(default=0.3, metadata={"help": "share of free memory the KV pool may take when sizing it"})
+    max_req_total_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens of one request"})
+    batch_max_tokens: Optional[int] = field(default=None, metadata={"help": "max prompt tokens prefilled in one batch (default: max(max_req_total_len, 2048))"})
+    running_max_req_size: int = field(default=256, metadata={"help": "max requests in the running batch"})
+    router_max_wait_tokens: int = field(default=6, metadata={"help": "decode steps between admissions while requests wait"})
+    router_token_ratio: float = field(default=0.0, metadata={"help": "0: conservative admission; (0,1]: optimistic, may pause"})
+    router_max_new_token_len: int = field(default=1024, metadata={"help": "cap on the estimate of tokens still to generate (optimistic mode)"})
+    max_new_tokens_default: int = field(default=256, metadata={"help": "max_new_tokens when a request does not say"})
+    enable_multimodal: bool = field(default=False, metadata={"help": "start the visual server and cache manager"})
+    cache_capacity: int = field(default=200, metadata={"help": "image records kept by the cache manager"})
+    visual_infer_batch_size: int = field(default=4, metadata={"help": "images encoded per visual batch"})
+    nnodes: int = field(default=1, metadata={"help": "number of nodes"})
+    node_rank: int = field(default=0, metadata={"help": "this node's rank"})
+    dist_init_addr: Optional[str] = field(default=None, metadata={"help": "host:port of torch.distributed rendezvous (multi-node)"})
+    api_key: Optional[str] = field(default=None, metadata={"help": "require `Authorization: Bearer KEY` on every route but /health"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    seed: int = field(default=0, metadata={"help": "seed for weights-independent randomness (request seeds are per request)"})
+
+    def resolved_batch_max_tokens(self) -> int:
+        return self.batch_max_tokens or max(self.max_req_total_len, 2048)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            helptext = f.metadata.get("help", "")
+            if kind is bool:
+                parser.add_argument(f"--{f.name}", action="store_true", help=helptext)
+                continue
+            base = kind
+            if getattr(kind, "__args__", None):  # Optional[X]
+                base = next(a for a in kind.__args__ if a is not type(None))
+            parser.add_argument(f"--{f.name}", type=base, default=f.default, help=f"{helptext} (default: {f.default})")
+
+    @classmethod
+    def from_cli(cls, argv: Optional[list[str]] = None) -> "ServerArgs":
+        parser = argparse.ArgumentParser(prog="python -m lightserve.api_server", description="lightserve LLM server")
+        cls.add_cli_args(parser)
+        ns = parser.parse_args(argv)
+        return cls(**vars(ns))

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model_factory import build_tiny_model
+
+# Two cores here; tests that spawn processes set their own thread counts.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random checkpoint per supported family, built once per test session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: build_tiny_model(family, root / family) for family in ("llama", "llama_tied", "mistral", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once into the lightserve cache."""
+    from lightserve.utils.embedded_model import embedded_model_dir
+
+    return embedded_model_dir()

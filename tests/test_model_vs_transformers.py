@@ -1,0 +1,87 @@
+"""Logits of the engine's models against transformers on the same tiny random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from lightserve.backend.attention import resolve_backend_name
+from lightserve.backend.engine import ModelEngine
+from lightserve.io_struct import GenerateReq, SamplingParams
+from lightserve.server_args import ServerArgs
+
+PROMPT_LENS = [1, 5, 17, 33]
+DECODE_STEPS = 4
+
+
+def _backends() -> list[str]:
+    names = ["torch"]
+    try:
+        resolve_backend_name("cpu_native", torch.device("cpu"), torch.float32)
+        names.append("cpu_native")
+    except (RuntimeError, ValueError):
+        pass
+    return names
+
+
+def _engine(model_dir, backend: str, dtype: str = "float32") -> ModelEngine:
+    args = ServerArgs(device="cpu", data_type=dtype, attention_backend=backend, max_total_token_num=1000,
+                      max_req_total_len=128, running_max_req_size=8)
+    return ModelEngine(args, str(model_dir))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "mistral", "qwen2"])
+def test_prefill_and_decode_logits_match_transformers(tiny_model_dirs, family, backend):
+    model_dir = tiny_model_dirs[family]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = _engine(model_dir, backend)
+    gen = torch.Generator().manual_seed(1)
+    vocab = engine.cfg.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+    reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=100, temperature=0.0))
+            for i, p in enumerate(prompts)]
+
+    logits = engine.forward_prefill(0, reqs)
+    seqs = [list(p) for p in prompts]
+    for step in range(DECODE_STEPS + 1):
+        with torch.no_grad():
+            expected = torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in seqs])
+        torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4, msg=f"step {step}")
+        if step == DECODE_STEPS:
+            break
+        # Feed the same next tokens to both sides (random ones: exercises more than greedy).
+        nxt = torch.randint(3, vocab, (len(seqs),), generator=gen)
+        for s, t in zip(seqs, nxt.tolist()):
+            s.append(t)
+        engine.batches[0].last_ids = nxt
+        logits = engine.forward_decode(0)
+
+    # Every KV slot held is one token of one request: prompt + fed tokens, nothing else.
+    held = engine.mem.size - engine.mem.can_use_mem_size
+    assert held == sum(len(s) for s in seqs)
+    engine.remove(0)
+    assert engine.mem.can_use_mem_size == engine.mem.size
+
+
+def test_bfloat16_logits_close_to_float32(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    reqs = [GenerateReq(req_id=0, prompt_ids=list(range(3, 40)), sampling=SamplingParams(temperature=0.0))]
+    fp32 = _engine(model_dir, "torch").forward_prefill(0, reqs)
+    bf16 = _engine(model_dir, "torch", "bfloat16").forward_prefill(0, reqs)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_unsupported_architecture_is_named(tmp_path, tiny_model_dirs):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dirs["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*supported: .*LlamaForCausalLM"):
+        _engine(bad, "torch")
