@@ -140,3 +140,15 @@ class TextOut:
 @dataclass
 class BatchTextOut:
     outs: list[TextOut]
+
+
+@dataclass
+class RouterStats:
+    """The router's view of load (router -> httpserver, for /metrics and tests)."""
+
+    kv_total: int
+    kv_used: int  # slots held by running requests
+    running_reqs: int
+    waiting_reqs: int
+    # Seconds each request admitted since the last report waited in the queue.
+    queue_times: list[float] = field(default_factory=list)

@@ -8,6 +8,7 @@ fails the requests in flight and shuts the server down.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import signal
@@ -37,6 +38,14 @@ START_TIMEOUT_S = 600.0
 
 class ChildStartError(RuntimeError):
     pass
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT: stop the server and clean up."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise StopRequested()
 
 
 @dataclass
@@ -116,8 +125,10 @@ def _watch_children(children: ChildGroup, stop: threading.Event, on_death: Calla
 def launch(args: ServerArgs) -> int:
     from lightserve.utils.embedded_model import embedded_model_dir
 
-    # Until uvicorn installs its own handlers, SIGTERM must still run the clean-up below.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # uvicorn handles SIGTERM/SIGINT while serving and re-raises the signal after its graceful
+    # shutdown; outside that window too, a stop request must run the clean-up below.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     model_dir = args.model_dir or str(embedded_model_dir())
     tokenizer_dir = args.tokenizer_dir or model_dir
     paths = RunPaths.create()
@@ -135,6 +146,8 @@ def launch(args: ServerArgs) -> int:
         logger.info("backend ready: %s", backend_info)
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        # The httpserver refuses at the door what could never fit in the pool the backend made.
+        args = dataclasses.replace(args, max_total_token_num=backend_info["max_total_token_num"])
         manager = HttpServerManager(args, paths, tokenizer)
         app = build_app(manager, args)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -145,9 +158,7 @@ def launch(args: ServerArgs) -> int:
             nonlocal exit_code
             exit_code = 1
             logger.error("%s; shutting down", reason)
-            loop = manager.loop
-            if loop is not None:
-                loop.call_soon_threadsafe(manager.fail_all, reason)
+            manager.fail_all(reason)
             server.should_exit = True
 
         threading.Thread(target=_watch_children, args=(children, stop_watch, on_child_death), daemon=True).start()
@@ -157,6 +168,9 @@ def launch(args: ServerArgs) -> int:
     except ChildStartError as e:
         logger.error("start-up failed: %s", e)
         return 1
+    except StopRequested:
+        logger.info("stopped by signal")
+        return 0
     finally:
         stop_watch.set()
         children.stop_all()

@@ -24,3 +24,11 @@ def smollm2_dir() -> Path:
     from lightserve.utils.embedded_model import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer: fast to serve, real text in and out."""
+    from tests.model_factory import build_tiny_model_with_tokenizer
+
+    return build_tiny_model_with_tokenizer("llama", tmp_path_factory.mktemp("tiny_served") / "llama", smollm2_dir)

@@ -59,3 +59,20 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0, **overrides: Any
                 p.normal_(0.0, 0.1)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def build_tiny_model_with_tokenizer(family: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random model whose vocabulary is that of a real tokenizer, so it can be served
+    over HTTP with text prompts (the tokenizer files are copied beside the weights)."""
+    import shutil
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    build_tiny_model(family, out_dir, seed=seed, vocab_size=len(tokenizer),
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+    return out_dir

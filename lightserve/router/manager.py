@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from multiprocessing.connection import Connection
 
 import zmq
 
-from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, TokenOut
+from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
 from lightserve.router.req_queue import ReqQueue
 from lightserve.router.scheduler import Scheduler
 from lightserve.router.worker_client import WorkerGroup
@@ -18,6 +19,8 @@ from lightserve.utils.run_paths import RunPaths
 
 logger = logging.getLogger(__name__)
 
+STATS_INTERVAL_S = 0.05
+
 
 class RouterManager:
     def __init__(self, args: ServerArgs, paths: RunPaths, max_total_token_num: int):
@@ -27,7 +30,12 @@ class RouterManager:
         self.inbox.bind(paths.router_in)
         self.to_detok = ctx.socket(zmq.PUSH)
         self.to_detok.connect(paths.detok_in)
+        self.to_http = ctx.socket(zmq.PUSH)  # load figures for /metrics
+        self.to_http.connect(paths.http_in)
+        self._last_stats_time = 0.0
+        self._published_idle = False
         self.workers = WorkerGroup(paths, args.tp)
+        self.max_total_token_num = max_total_token_num
         self.queue = ReqQueue(
             max_total_token_num=max_total_token_num,
             running_max_req_size=args.running_max_req_size,
@@ -44,6 +52,25 @@ class RouterManager:
             outs = self.scheduler.step()
             if outs:
                 self.to_detok.send(serde.dumps(BatchTokenOut(outs)))
+            self.publish_stats()
+
+    def publish_stats(self) -> None:
+        """Send RouterStats at most every STATS_INTERVAL_S while busy, and once on going idle
+        (so an idle pool reads as free). KV figures come from rank 0's pool itself."""
+        now = time.monotonic()
+        idle = not self.scheduler.has_work
+        if idle and self._published_idle:
+            return
+        if not idle and now - self._last_stats_time < STATS_INTERVAL_S:
+            return
+        pool = self.workers.stats()
+        stats = RouterStats(
+            kv_total=pool["kv_total"], kv_used=pool["kv_total"] - pool["kv_free"],
+            running_reqs=len(self.scheduler.running), waiting_reqs=len(self.queue),
+            queue_times=self.scheduler.take_queue_times(),
+        )
+        self.to_http.send(serde.dumps(stats))
+        self._last_stats_time, self._published_idle = now, idle
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""

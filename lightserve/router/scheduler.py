@@ -7,6 +7,7 @@ offline `LLM` (backend = an in-process `ModelEngine`), so there is one schedulin
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -51,6 +52,7 @@ class Scheduler:
         self._batch_ids = itertools.count()
         self._steps_since_admission = 0
         self._aborted: set[int] = set()
+        self._queue_times: list[float] = []
 
     # ---- inputs ------------------------------------------------------------------------------
     def add(self, req: GenerateReq) -> None:
@@ -64,6 +66,16 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.running) or len(self.queue) > 0
+
+    def kv_used(self) -> int:
+        """KV slots the running requests hold (each holds prompt + generated - 1: the last
+        sampled token enters the cache on the next step)."""
+        return sum(len(r.req.prompt_ids) + r.generated - 1 for r in self.running.values())
+
+    def take_queue_times(self) -> list[float]:
+        """Queue waits of the requests admitted since the last call."""
+        times, self._queue_times = self._queue_times, []
+        return times
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[TokenOut]:
@@ -92,8 +104,10 @@ class Scheduler:
     def _prefill(self, reqs: list[GenerateReq]) -> list[TokenOut]:
         new_id = next(self._batch_ids)
         outs = self.backend.prefill(new_id, reqs)
+        now = time.time()
         for r in reqs:
             self.running[r.req_id] = RunningReq(r, len(r.output_ids))
+            self._queue_times.append(now - r.arrival_time)
         if self.batch_id is None:
             self.batch_id = new_id
         else:
@@ -121,8 +135,7 @@ class Scheduler:
 
     def _make_room_for_decode(self) -> None:
         """Optimistic admission only: pause the newest requests if the next step would not fit."""
-        held = sum(len(r.req.prompt_ids) + r.generated - 1 for r in self.running.values())
-        free = self.max_total_token_num - held
+        free = self.max_total_token_num - self.kv_used()
         if free >= len(self.running):
             return
         victims = self.queue.select_requests_to_pause([r.info() for r in self.running.values()], len(self.running) - free)

@@ -1,0 +1,97 @@
+"""The starlette application of the HTTP front end.
+
+`build_app(manager, args)` only builds objects: nothing is started, bound or connected until an
+ASGI server runs the app. Its lifespan then starts the manager (zmq sockets and tasks) on the
+server's event loop and closes it at shutdown, so the launcher only has to run uvicorn:
+
+    uvicorn.run(build_app(manager, args), host=args.host, port=args.port)
+
+Every failure is answered with JSON (`{"error", "error_type"}` on the TGI routes); unexpected
+exceptions reach the client as a plain 500 message, their traceback only the server log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lightserve.httpserver.auth import ApiKeyMiddleware
+from lightserve.httpserver.disconnect import ClientDisconnected
+from lightserve.httpserver.errors import GENERATION, ApiError, unavailable
+from lightserve.httpserver.manager import HttpServerManager
+from lightserve.httpserver.tgi_api import TGIApi
+from lightserve.server_args import ServerArgs
+
+# Routes that answer without an API key: load balancers probe health without credentials.
+OPEN_PATHS = frozenset({"/health"})
+
+# nginx's "client closed request": logged for a request whose client left before the answer.
+_CLIENT_CLOSED = 499
+
+
+def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
+    tgi = TGIApi(manager, args)
+
+    async def health(request: Request) -> Response:
+        if not manager.healthy:
+            return _error_response(unavailable(manager.failure or ""))
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(manager.metrics.render(), media_type=manager.metrics.content_type)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    middleware = []
+    if args.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=args.api_key, open_paths=OPEN_PATHS))
+    return Starlette(
+        routes=[Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]), *tgi.routes()],
+        middleware=middleware,
+        exception_handlers={
+            ApiError: _api_error,
+            ClientDisconnected: _client_disconnected,
+            HTTPException: _http_exception,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.tgi_body(), status_code=error.status_code)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc)
+
+
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    # Nobody reads this answer; it only gives the access log an honest status.
+    return Response(status_code=_CLIENT_CLOSED)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Routing errors (404, 405) in the same JSON shape as every other error."""
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "http"
+    return JSONResponse({"error": exc.detail, "error_type": kind}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises the exception after this answer, so the ASGI server logs the traceback.
+    return _error_response(ApiError(500, "internal server error", GENERATION))

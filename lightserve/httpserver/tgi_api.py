@@ -1,0 +1,181 @@
+"""TGI-compatible routes: `POST /generate`, `POST /generate_stream` and `POST /`.
+
+Response shapes follow text-generation-inference, so its clients (huggingface_hub's
+`InferenceClient.text_generation`, `text_generation.Client`) work unchanged:
+
+- `/generate` answers `{"generated_text", "details"?}`; `/` without `stream` answers the same
+  object wrapped in a list, as TGI does for the Inference API.
+- `details.tokens[].text` is each token decoded on its own, as in TGI.
+- Streams send one event per token, and there a token's `text` is the text released with it:
+  text held back (a possible stop string, an incomplete UTF-8 character) comes with a later
+  token, so the texts of all events add up to `generated_text`. Clients hide the text of
+  `special` tokens; a special token (EOS) that releases held-back text is therefore reported as
+  not special, or that text would be lost. The last event carries `generated_text` and
+  `details` (always, not only when `details` was asked for: it costs nothing and tells the
+  client why the stream ended).
+- `details.seed` is the seed a sampled request used (drawn by the server when not given), null
+  for greedy requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Optional
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lightserve.httpserver.disconnect import run_unless_disconnected
+from lightserve.httpserver.errors import GENERATION, ApiError, generation_error, unavailable
+from lightserve.httpserver.manager import HttpServerManager, RequestStream, ServerUnavailable
+from lightserve.httpserver.params import read_body
+from lightserve.httpserver.sse import EventStreamResponse, sse_event
+from lightserve.httpserver.tgi_params import TGIRequest, parse_tgi_request, tgi_sampling_params, truncate_prompt
+from lightserve.io_struct import FinishReason, SamplingParams, TextOut
+from lightserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prepared:
+    """A validated request, ready to submit."""
+
+    body: TGIRequest
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+    def full_text(self, generated: str) -> str:
+        return self.body.inputs + generated if self.body.parameters.return_full_text else generated
+
+    @property
+    def seed(self) -> Optional[int]:
+        return None if self.sampling.is_greedy else self.sampling.seed
+
+
+class TGIApi:
+    """The TGI route handlers over one `HttpServerManager`."""
+
+    def __init__(self, manager: HttpServerManager, args: ServerArgs) -> None:
+        self.manager = manager
+        self.args = args
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/generate", self.generate, methods=["POST"]),
+            Route("/generate_stream", self.generate_stream, methods=["POST"]),
+            Route("/", self.compat_generate, methods=["POST"]),
+        ]
+
+    # ---- handlers --------------------------------------------------------------------------
+
+    async def generate(self, request: Request) -> Response:
+        prep = await self._prepare(request)
+        return JSONResponse(await self._complete(request, prep))
+
+    async def generate_stream(self, request: Request) -> Response:
+        prep = await self._prepare(request)
+        return EventStreamResponse(self._events(prep))
+
+    async def compat_generate(self, request: Request) -> Response:
+        """TGI's `POST /`: `/generate_stream` if the body says `"stream": true`, else `/generate`
+        with the answer wrapped in a list."""
+        prep = await self._prepare(request)
+        if prep.body.stream:
+            return EventStreamResponse(self._events(prep))
+        return JSONResponse([await self._complete(request, prep)])
+
+    # ---- shared steps ----------------------------------------------------------------------
+
+    async def _prepare(self, request: Request) -> _Prepared:
+        if not self.manager.healthy:
+            raise unavailable(self.manager.failure or "")
+        body = parse_tgi_request(await read_body(request), self.args)
+        prompt_ids = truncate_prompt(await self.manager.tokenize(body.inputs), body.parameters.truncate)
+        sampling = tgi_sampling_params(body.parameters, len(prompt_ids), self.args)
+        return _Prepared(body, prompt_ids, sampling)
+
+    async def _complete(self, request: Request, prep: _Prepared) -> dict[str, Any]:
+        try:
+            async with self.manager.generate(prep.prompt_ids, prep.sampling) as outs:
+                collected = await run_unless_disconnected(request.receive, _collect(outs))
+        except ServerUnavailable as exc:
+            raise unavailable(str(exc)) from None
+        last = collected[-1]
+        failure = _failure(last)
+        if failure is not None:
+            raise generation_error(failure)
+        response: dict[str, Any] = {"generated_text": prep.full_text("".join(o.text for o in collected))}
+        if prep.body.parameters.details:
+            response["details"] = {
+                "finish_reason": last.finish_reason.value,
+                "generated_tokens": _generated_tokens(last, len(collected)),
+                "seed": prep.seed,
+                "prompt_tokens": len(prep.prompt_ids),
+                "prefill": [],  # decoder_input_details is accepted but prompt details are not computed
+                "tokens": [_token(o, o.token_text, o.special) for o in collected],
+            }
+        return response
+
+    async def _events(self, prep: _Prepared) -> AsyncGenerator[bytes, None]:
+        texts: list[str] = []
+        try:
+            async with self.manager.generate(prep.prompt_ids, prep.sampling) as outs:
+                async for out in outs:
+                    failure = _failure(out)
+                    if failure is not None:
+                        yield sse_event(generation_error(failure).tgi_body())
+                        return
+                    texts.append(out.text)
+                    event: dict[str, Any] = {
+                        "index": len(texts),
+                        "token": _token(out, out.text, out.special and not out.text),
+                        "generated_text": None,
+                        "details": None,
+                    }
+                    if out.finish_reason is not None:
+                        event["generated_text"] = prep.full_text("".join(texts))
+                        event["details"] = {
+                            "finish_reason": out.finish_reason.value,
+                            "generated_tokens": _generated_tokens(out, len(texts)),
+                            "seed": prep.seed,
+                            "input_length": len(prep.prompt_ids),
+                        }
+                    yield sse_event(event)
+        except ServerUnavailable as exc:
+            yield sse_event(unavailable(str(exc)).tgi_body())
+        except Exception:  # headers are sent: the stream can only end with an error event
+            logger.exception("TGI stream failed")
+            yield sse_event(ApiError(500, "internal server error", GENERATION).tgi_body())
+
+
+
+def _token(out: TextOut, text: str, special: bool) -> dict[str, Any]:
+    return {
+        "id": out.token_id,
+        "text": text,
+        # JSON has no -inf; a token the model gave zero probability reports null.
+        "logprob": out.logprob if math.isfinite(out.logprob) else None,
+        "special": special,
+    }
+
+
+async def _collect(outs: RequestStream) -> list[TextOut]:
+    return [out async for out in outs]
+
+
+def _failure(out: TextOut) -> Optional[str]:
+    """The error that ended a request, or None for a normal output."""
+    if out.error is not None:
+        return out.error
+    if out.finish_reason is FinishReason.ABORT:
+        return "the request was aborted by the server"
+    return None
+
+
+def _generated_tokens(last: TextOut, seen: int) -> int:
+    # The server's count is authoritative; the number of outputs seen is the fallback.
+    return last.completion_tokens or seen

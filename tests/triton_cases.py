@@ -1,0 +1,361 @@
+"""Triton kernel tests, run in the Triton interpreter by `test_triton_kernels.py` in a subprocess.
+
+Not collected by the main pytest run (no ``test_`` prefix): the interpreter is picked when the
+kernel modules are imported, so these tests need TRITON_INTERPRET=1 in a fresh process. The
+subprocess gets it in its environment; setting it here as well keeps a direct run
+(``python -m pytest tests/triton_cases.py``) correct.
+
+References are plain torch in fp32 on the same (possibly half-precision) inputs. KV slots are a
+random permutation of the pool, and every table entry past a request's length points at a pool
+row full of NaN, so a kernel that reads beyond a request's context fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lightserve.backend.attention import TorchAttention  # noqa: E402
+from lightserve.backend.engine import ModelEngine  # noqa: E402
+from lightserve.backend.forward_state import ForwardState  # noqa: E402
+from lightserve.backend.kernels import runtime  # noqa: E402
+from lightserve.backend.kernels.context_attention import context_attention  # noqa: E402
+from lightserve.backend.kernels.ops import TritonOps  # noqa: E402
+from lightserve.backend.kernels.token_attention_decode import plan_decode, token_attention_decode  # noqa: E402
+from lightserve.backend.kernels.triton_attention import TritonAttention  # noqa: E402
+from lightserve.backend.models.families import LlamaForCausalLM  # noqa: E402
+from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
+from lightserve.backend.models.template import DecoderLayer, rms_norm  # noqa: E402
+from lightserve.backend.parallel import SINGLE  # noqa: E402
+from lightserve.io_struct import GenerateReq, SamplingParams  # noqa: E402
+from lightserve.server_args import ServerArgs  # noqa: E402
+from tests.model_factory import build_tiny_model  # noqa: E402
+
+assert runtime.INTERPRET, "TRITON_INTERPRET=1 must be set before the kernel modules are imported"
+
+# fp32: summation order only. fp16: output rounding (2^-11) and P rounded to fp16 before P@V.
+# bf16 (operands upcast in the interpreter): output rounding, and the interpreter truncates
+# fp32 -> bf16 instead of rounding to nearest, so up to one bf16 ulp (2^-7 relative).
+ATTN_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
+            torch.bfloat16: dict(atol=3e-2, rtol=2**-7)}
+LENS = [1, 2, 17, 130]
+
+
+@dataclass
+class Pool:
+    """A KV pool with requests scattered over it and the token table that finds them."""
+
+    k_cache: torch.Tensor  # [S, Hkv, D]
+    v_cache: torch.Tensor
+    req_to_token: torch.Tensor  # int32 [R, Lmax]
+    b_req_idx: torch.Tensor  # int32 [B]
+    b_seq_len: torch.Tensor  # int32 [B]
+
+    def slots(self, i: int) -> torch.Tensor:
+        return self.req_to_token[int(self.b_req_idx[i]), : int(self.b_seq_len[i])].long()
+
+
+def make_pool(lens: list[int], n_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0) -> Pool:
+    gen = torch.Generator().manual_seed(seed)
+    n_used = sum(lens)
+    spare = 5
+    n_slots = n_used + spare + 1  # the last slot is the NaN poison row
+    poison = n_slots - 1
+    perm = torch.randperm(n_slots - 1, generator=gen).to(torch.int32)
+    rows = len(lens) + 3
+    req_to_token = torch.full((rows, max(lens) + 7), poison, dtype=torch.int32)
+    b_req_idx = torch.randperm(rows, generator=gen)[: len(lens)].to(torch.int32)
+    start = 0
+    for row, n in zip(b_req_idx.tolist(), lens):
+        req_to_token[row, :n] = perm[start : start + n]
+        start += n
+    k = torch.randn(n_slots, n_kv_heads, head_dim, generator=gen)
+    v = torch.randn(n_slots, n_kv_heads, head_dim, generator=gen)
+    k[poison] = float("nan")
+    v[poison] = float("nan")
+    return Pool(k.to(dtype), v.to(dtype), req_to_token, b_req_idx, torch.tensor(lens, dtype=torch.int32))
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int) -> torch.Tensor:
+    """q [n, Hq, D] at positions first_pos.. over k/v [L, Hkv, D]; causal; fp32 [n, Hq, D]."""
+    n, length = q.shape[0], k.shape[0]
+    visible = torch.arange(length)[None, :] <= (first_pos + torch.arange(n))[:, None]
+    o = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1),
+                                       attn_mask=visible, scale=q.shape[-1] ** -0.5, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+# ---- decode ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_decode_matches_reference(group: int, head_dim: int, dtype: torch.dtype):
+    n_kv = 2
+    pool = make_pool(LENS, n_kv, head_dim, dtype, seed=group * head_dim)
+    q = torch.randn(len(LENS), n_kv * group, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = torch.stack([reference_attention(q[i : i + 1], pool.k_cache[pool.slots(i)], pool.v_cache[pool.slots(i)],
+                                                LENS[i] - 1)[0] for i in range(len(LENS))])
+    # None: the automatic plan (one split here); 64: several splits merged by the reduce kernel.
+    for split_len in (None, 64):
+        plan = plan_decode(len(LENS), q.shape[1], n_kv, head_dim, max(LENS), q.device, split_len)
+        out = token_attention_decode(q, pool.k_cache, pool.v_cache, pool.req_to_token, pool.b_req_idx,
+                                     pool.b_seq_len, plan, head_dim**-0.5)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, **ATTN_TOL[dtype], msg=f"split_len={split_len}")
+
+
+def test_decode_bf16_and_strided_query():
+    """bf16 K/V (upcast after load) and q a strided view into a fused qkv buffer."""
+    n_kv, group, head_dim = 2, 3, 64
+    pool = make_pool(LENS, n_kv, head_dim, torch.bfloat16, seed=5)
+    qkv = torch.randn(len(LENS), (n_kv * group + 2 * n_kv) * head_dim, generator=torch.Generator().manual_seed(2))
+    q = qkv.to(torch.bfloat16)[:, : n_kv * group * head_dim].view(len(LENS), n_kv * group, head_dim)
+    assert not q.is_contiguous()
+    plan = plan_decode(len(LENS), n_kv * group, n_kv, head_dim, max(LENS), q.device, 32)
+    out = token_attention_decode(q, pool.k_cache, pool.v_cache, pool.req_to_token, pool.b_req_idx, pool.b_seq_len,
+                                 plan, head_dim**-0.5)
+    expected = torch.stack([reference_attention(q[i : i + 1], pool.k_cache[pool.slots(i)], pool.v_cache[pool.slots(i)],
+                                                LENS[i] - 1)[0] for i in range(len(LENS))])
+    torch.testing.assert_close(out.float(), expected, **ATTN_TOL[torch.bfloat16])
+
+
+def test_plan_splits_only_on_long_contexts_or_small_batches():
+    cpu = torch.device("cpu")
+    assert plan_decode(64, 8, 2, 64, 4096, cpu).num_splits == 1
+    plan = plan_decode(1, 8, 2, 64, 100, cpu, split_len=30)
+    assert plan.split_len == 64 and plan.num_splits == 2  # rounded up to whole blocks
+    assert plan.mid_out.shape == (1, 8, 2, 64) and plan.mid_lse.shape == (1, 8, 2)
+
+
+# ---- prefill --------------------------------------------------------------------------------
+
+def _prefill_case(new_lens: list[int], prefix_lens: list[int], n_kv: int, group: int, head_dim: int,
+                  dtype: torch.dtype, seed: int):
+    seq_lens = [p + n for p, n in zip(prefix_lens, new_lens)]
+    pool = make_pool(seq_lens, n_kv, head_dim, dtype, seed=seed)
+    q = torch.randn(sum(new_lens), n_kv * group, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    starts = [sum(new_lens[:i]) for i in range(len(new_lens))]
+    return pool, q, starts, seq_lens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_context_attention_matches_reference(with_prefix: bool, group: int, head_dim: int, dtype: torch.dtype):
+    new_lens = [1, 2, 17, 70]
+    prefix_lens = [3, 0, 40, 60] if with_prefix else [0, 0, 0, 0]
+    pool, q, starts, seq_lens = _prefill_case(new_lens, prefix_lens, 2, group, head_dim, dtype, seed=group + head_dim)
+    i32 = dict(dtype=torch.int32)
+    out = context_attention(q, pool.k_cache, pool.v_cache, pool.req_to_token, pool.b_req_idx, pool.b_seq_len,
+                            torch.tensor(new_lens, **i32), torch.tensor(starts, **i32), max(new_lens), head_dim**-0.5)
+    assert out.dtype == dtype
+    for i, (start, n) in enumerate(zip(starts, new_lens)):
+        expected = reference_attention(q[start : start + n], pool.k_cache[pool.slots(i)], pool.v_cache[pool.slots(i)],
+                                       prefix_lens[i])
+        torch.testing.assert_close(out[start : start + n].float(), expected, **ATTN_TOL[dtype], msg=f"request {i}")
+
+
+# ---- the back end against TorchAttention ----------------------------------------------------
+
+def _state(pool: Pool, is_prefill: bool, new_lens: list[int]) -> ForwardState:
+    seq = pool.b_seq_len.tolist()
+    positions = torch.cat([torch.arange(s - n, s) for s, n in zip(seq, new_lens)])
+    return ForwardState(
+        is_prefill=is_prefill, positions=positions,
+        out_slots=torch.cat([pool.slots(i)[s - n :] for i, (s, n) in enumerate(zip(seq, new_lens))]),
+        b_req_idx=pool.b_req_idx, b_seq_len=pool.b_seq_len, max_seq_len=max(seq), req_to_token=pool.req_to_token,
+        b_start=[sum(new_lens[:i]) for i in range(len(new_lens))] if is_prefill else [],
+        b_new_len=new_lens if is_prefill else [],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backend_matches_torch_attention(dtype: torch.dtype):
+    n_kv, group, head_dim = 2, 3, 64
+    heads = n_kv * group
+    torch_attn, triton_attn = TorchAttention(heads, n_kv, head_dim), TritonAttention(heads, n_kv, head_dim)
+    triton_attn.split_len = 32
+    gen = torch.Generator().manual_seed(3)
+
+    # Prefill without a prefix: the packed k/v path (no pool) and the pool path must agree with torch.
+    # Each back end gets its own state: begin_step stores back-end specific metadata in it.
+    pool = make_pool(LENS, n_kv, head_dim, dtype, seed=11)
+    torch_state, triton_state = _state(pool, True, LENS), _state(pool, True, LENS)
+    q = torch.randn(sum(LENS), heads, head_dim, generator=gen).to(dtype)
+    k, v = pool.k_cache[torch_state.out_slots], pool.v_cache[torch_state.out_slots]
+    torch_attn.begin_step(torch_state)
+    expected = torch_attn.prefill(q, k, v, torch_state).float()
+    triton_attn.begin_step(triton_state)
+    torch.testing.assert_close(triton_attn.prefill(q, k, v, triton_state).float(), expected, **ATTN_TOL[dtype])
+    torch.testing.assert_close(
+        triton_attn.prefill(q, k, v, triton_state, kv_cache=(pool.k_cache, pool.v_cache)).float(), expected,
+        **ATTN_TOL[dtype])
+
+    # Decode: one new token per request on top of the pool.
+    torch_state, triton_state = _state(pool, False, [1] * len(LENS)), _state(pool, False, [1] * len(LENS))
+    q = torch.randn(len(LENS), heads, head_dim, generator=gen).to(dtype)
+    torch_attn.begin_step(torch_state)
+    triton_attn.begin_step(triton_state)
+    torch.testing.assert_close(triton_attn.decode(q, pool.k_cache, pool.v_cache, triton_state).float(),
+                               torch_attn.decode(q, pool.k_cache, pool.v_cache, torch_state).float(), **ATTN_TOL[dtype])
+
+
+def test_prefill_with_prefix_needs_the_pool():
+    pool = make_pool([5, 9], 1, 64, torch.float32)
+    state = _state(pool, True, [2, 9])  # request 0 has 3 positions in the pool already
+    attn = TritonAttention(2, 1, 64)
+    attn.begin_step(state)
+    q, kv = torch.randn(11, 2, 64), torch.randn(11, 1, 64)
+    with pytest.raises(ValueError, match="prefix"):
+        attn.prefill(q, kv, kv, state)
+
+
+# ---- layer ops ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rms_norm(dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(7, 576, generator=gen)).to(dtype)
+    w = torch.randn(576, generator=gen).to(dtype)
+    out = TritonOps.rms_norm(x, w, 1e-6)
+    expected = rms_norm(x, w, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.bfloat16:
+        # Two roundings, each truncated by the interpreter (< 2^-7 relative) where torch rounds to
+        # nearest (<= 2^-8): at most 3 * 2^-7 apart.
+        torch.testing.assert_close(out.float(), expected.float(), atol=1e-2, rtol=3 * 2**-7)
+    else:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_in_place_on_fused_qkv_views(dtype: torch.dtype):
+    n_tok, heads, kv_heads, head_dim = 9, 6, 2, 64
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(n_tok, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(n_tok, heads, head_dim), k.view(n_tok, kv_heads, head_dim)
+    angles = torch.rand(n_tok, head_dim // 2, generator=gen) * 100
+    cos, sin = angles.cos(), angles.sin()
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    out_q, out_k = TritonOps.rotary(q, k, cos, sin)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(q, expected_q, **tol)
+    torch.testing.assert_close(k, expected_k, **tol)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul(dtype: torch.dtype):
+    gate_up = (2 * torch.randn(5, 2 * 1536, generator=torch.Generator().manual_seed(6))).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = TritonOps.silu_and_mul(gate_up)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out, F.silu(gate) * up, **tol)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_write_kv_scatters_strided_kv_into_slots(slot_dtype: torch.dtype):
+    n_tok, kv_heads, head_dim, pool_size = 11, 2, 64, 40
+    gen = torch.Generator().manual_seed(7)
+    kv = torch.randn(n_tok, 2 * kv_heads * head_dim, generator=gen).to(torch.float16)
+    k, v = (t.view(n_tok, kv_heads, head_dim) for t in kv.chunk(2, dim=-1))
+    slots = torch.randperm(pool_size, generator=gen)[:n_tok]
+    k_cache, v_cache = torch.zeros(pool_size, kv_heads, head_dim, dtype=torch.float16), torch.zeros(
+        pool_size, kv_heads, head_dim, dtype=torch.float16)
+    expected_k, expected_v = k_cache.clone().index_copy_(0, slots, k), v_cache.clone().index_copy_(0, slots, v)
+    TritonOps.write_kv(k_cache, v_cache, slots.to(slot_dtype), k, v)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+class TritonOpsLayer(DecoderLayer):
+    """The decoder layer with every op on Triton kernels: the wiring proposed for the template."""
+
+    def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return TritonOps.rms_norm(hidden, self.w.input_norm, self.cfg.rms_norm_eps)
+
+    def ffn_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return TritonOps.rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
+        return TritonOps.rotary(q, k, state.cos, state.sin)
+
+    def write_kv(self, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> None:
+        TritonOps.write_kv(kv[0], kv[1], state.out_slots, k, v)
+
+    def attend(self, q, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> torch.Tensor:
+        if state.is_prefill:
+            o = self.attention.prefill(q, k, v, state, kv_cache=kv)
+        else:
+            o = self.attention.decode(q, kv[0], kv[1], state)
+        return o.reshape(o.shape[0], self.q_size)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(TritonOps.silu_and_mul(F.linear(x, self.w.gate_up)), self.w.down)
+
+
+class TritonOpsLlama(LlamaForCausalLM):
+    layer_cls = TritonOpsLayer
+
+
+def _generate(engine: ModelEngine, prompts: list[list[int]], new_tokens: int) -> tuple[dict[int, list[int]], list]:
+    """Greedy tokens per request, with the logits of every step: half the requests join late."""
+    reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
+            for i, p in enumerate(prompts)]
+    got: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
+    logits = []
+
+    def step(out_logits: torch.Tensor, batch_id: int) -> None:
+        logits.append(out_logits)
+        for o in engine._sample_and_finish(engine.batches[batch_id], out_logits):
+            got[o.req_id].append(o.token_id)
+
+    half = len(reqs) // 2
+    step(engine.forward_prefill(0, reqs[:half]), 0)
+    for _ in range(3):
+        step(engine.forward_decode(0), 0)
+    step(engine.forward_prefill(1, reqs[half:]), 1)
+    engine.merge(0, 1)
+    while 0 in engine.batches:
+        step(engine.forward_decode(0), 0)
+    return got, logits
+
+
+def test_tiny_llama_greedy_tokens_match_torch_backend(tmp_path):
+    model_dir = build_tiny_model("llama", tmp_path / "llama")
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (1, 5, 17, 70)]
+
+    def engine(backend: str) -> ModelEngine:
+        args = ServerArgs(device="cpu", data_type="float32", attention_backend=backend, max_total_token_num=400,
+                          max_req_total_len=128, running_max_req_size=8)
+        return ModelEngine(args, str(model_dir))
+
+    expected_tokens, expected_logits = _generate(engine("torch"), prompts, 8)
+    triton_attention = engine("triton")
+    assert triton_attention.attention_backend == "triton"
+    # Decode of the longest request then merges two splits (64 positions each in the interpreter).
+    triton_attention.model.attention.split_len = 64
+    all_triton = engine("triton")
+    all_triton.model.attention.split_len = 64
+    all_triton.model = TritonOpsLlama(str(model_dir), all_triton.cfg, SINGLE, all_triton.dtype, all_triton.device,
+                                      all_triton.model.attention)
+    for name, eng in (("triton attention", triton_attention), ("all ops on triton", all_triton)):
+        tokens, logits = _generate(eng, prompts, 8)
+        assert tokens == expected_tokens, name
+        for got, want in zip(logits, expected_logits):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+        assert eng.mem.can_use_mem_size == eng.mem.size
