@@ -81,11 +81,11 @@ def bench_one(batch: int, context: int, args: argparse.Namespace, dtype: torch.d
 
 
 def main() -> int:
+    args = parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU: compiled Triton kernels cannot launch on this machine "
               "(the interpreter is for correctness tests only). Nothing measured.")
         return 0
-    args = parse_args()
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     print(f"{torch.cuda.get_device_name(device)}, {args.dtype}, heads {args.heads}/{args.kv_heads}, "
           f"head_dim {args.head_dim}; median ms per layer call")

@@ -279,10 +279,25 @@ def test_filters_keep_the_same_tokens_as_transformers(case: int) -> None:
         torch.testing.assert_close((weights[r] / weights[r].sum()).double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_top_k_keeps_ties_like_transformers() -> None:
-    shifted = torch.tensor([[-2.0, 0.0, -1.0, -1.0, -2.5, -1.0]])
-    weights = sampling_weights(shifted, torch.tensor([2]), torch.tensor([1.0]))
-    assert (weights[0] > 0).tolist() == [False, True, True, True, False, True]
+def test_ties_at_a_cut_are_all_kept() -> None:
+    """Top-k and top-p are thresholds: a value tied with the last kept one is kept too, so the
+    kept set never depends on how a sort orders ties (transformers' TopKLogitsWarper agrees)."""
+    row = [0.0, -1.0, -5.0, -1.0, -1.0]
+    cases = [  # (top_k, top_p, kept)
+        (2, 1.0, [True, True, False, True, True]),  # the tie straddles the k-th place
+        (2, 0.5, [True, True, False, True, True]),  # ... and the nucleus ends inside the tie
+        (2, 0.4, [True, False, False, False, False]),
+        (0, 0.5, [True, True, False, True, True]),  # no top-k: the histogram path
+        (4, 0.5, [True, True, False, True, True]),  # top-k holds the whole tie: candidate path
+    ]
+    shifted = torch.tensor([row] * len(cases))
+    top_k = torch.tensor([c[0] for c in cases])
+    top_p = torch.tensor([c[1] for c in cases])
+    weights = sampling_weights(shifted, top_k, top_p)
+    for r, (k, p, kept) in enumerate(cases):
+        assert (weights[r] > 0).tolist() == kept, (k, p)
+    hf = TopKLogitsWarper(2)(None, shifted[:1].clone())
+    assert (hf[0] > float("-inf")).tolist() == cases[0][2]
 
 
 # ---------------------------------------------------------------------------------------------

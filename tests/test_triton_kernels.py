@@ -48,7 +48,9 @@ def test_clear_error_without_gpu_or_interpreter():
         from lightserve.backend.kernels.runtime import TritonUnavailableError
 
         assert not torch.cuda.is_available()
-        for call in (lambda: make_attention("triton", 4, 2, 64), lambda: TritonOps.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)):
+        calls = (lambda: make_attention("triton", 4, 2, 64),
+                 lambda: TritonOps.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6))
+        for call in calls:
             try:
                 call()
             except TritonUnavailableError as exc:

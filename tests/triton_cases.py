@@ -30,10 +30,8 @@ from lightserve.backend.kernels.context_attention import context_attention  # no
 from lightserve.backend.kernels.ops import TritonOps  # noqa: E402
 from lightserve.backend.kernels.token_attention_decode import plan_decode, token_attention_decode  # noqa: E402
 from lightserve.backend.kernels.triton_attention import TritonAttention  # noqa: E402
-from lightserve.backend.models.families import LlamaForCausalLM  # noqa: E402
 from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
-from lightserve.backend.models.template import DecoderLayer, rms_norm  # noqa: E402
-from lightserve.backend.parallel import SINGLE  # noqa: E402
+from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
 from lightserve.io_struct import GenerateReq, SamplingParams  # noqa: E402
 from lightserve.server_args import ServerArgs  # noqa: E402
 from tests.model_factory import build_tiny_model  # noqa: E402
@@ -227,7 +225,7 @@ def test_rms_norm(dtype: torch.dtype):
     x = (3 * torch.randn(7, 576, generator=gen)).to(dtype)
     w = torch.randn(576, generator=gen).to(dtype)
     out = TritonOps.rms_norm(x, w, 1e-6)
-    expected = rms_norm(x, w, 1e-6)
+    expected = TorchOps.rms_norm(x, w, 1e-6)
     assert out.dtype == dtype and out.shape == x.shape
     if dtype == torch.bfloat16:
         # Two roundings, each truncated by the interpreter (< 2^-7 relative) where torch rounds to
@@ -281,36 +279,6 @@ def test_write_kv_scatters_strided_kv_into_slots(slot_dtype: torch.dtype):
 
 # ---- end to end -----------------------------------------------------------------------------
 
-class TritonOpsLayer(DecoderLayer):
-    """The decoder layer with every op on Triton kernels: the wiring proposed for the template."""
-
-    def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return TritonOps.rms_norm(hidden, self.w.input_norm, self.cfg.rms_norm_eps)
-
-    def ffn_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return TritonOps.rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
-
-    def rotary(self, q: torch.Tensor, k: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
-        return TritonOps.rotary(q, k, state.cos, state.sin)
-
-    def write_kv(self, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> None:
-        TritonOps.write_kv(kv[0], kv[1], state.out_slots, k, v)
-
-    def attend(self, q, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> torch.Tensor:
-        if state.is_prefill:
-            o = self.attention.prefill(q, k, v, state, kv_cache=kv)
-        else:
-            o = self.attention.decode(q, kv[0], kv[1], state)
-        return o.reshape(o.shape[0], self.q_size)
-
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(TritonOps.silu_and_mul(F.linear(x, self.w.gate_up)), self.w.down)
-
-
-class TritonOpsLlama(LlamaForCausalLM):
-    layer_cls = TritonOpsLayer
-
-
 def _generate(engine: ModelEngine, prompts: list[list[int]], new_tokens: int) -> tuple[dict[int, list[int]], list]:
     """Greedy tokens per request, with the logits of every step: half the requests join late."""
     reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
@@ -345,17 +313,14 @@ def test_tiny_llama_greedy_tokens_match_torch_backend(tmp_path):
         return ModelEngine(args, str(model_dir))
 
     expected_tokens, expected_logits = _generate(engine("torch"), prompts, 8)
-    triton_attention = engine("triton")
-    assert triton_attention.attention_backend == "triton"
+    triton = engine("triton")
+    assert triton.attention_backend == "triton"
+    # Every layer op runs on Triton: attention, norms, rotary, SiLU-mul, KV write.
+    assert triton.model.layers[0].ops is TritonOps
     # Decode of the longest request then merges two splits (64 positions each in the interpreter).
-    triton_attention.model.attention.split_len = 64
-    all_triton = engine("triton")
-    all_triton.model.attention.split_len = 64
-    all_triton.model = TritonOpsLlama(str(model_dir), all_triton.cfg, SINGLE, all_triton.dtype, all_triton.device,
-                                      all_triton.model.attention)
-    for name, eng in (("triton attention", triton_attention), ("all ops on triton", all_triton)):
-        tokens, logits = _generate(eng, prompts, 8)
-        assert tokens == expected_tokens, name
-        for got, want in zip(logits, expected_logits):
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
-        assert eng.mem.can_use_mem_size == eng.mem.size
+    triton.model.attention.split_len = 64
+    tokens, logits = _generate(triton, prompts, 8)
+    assert tokens == expected_tokens
+    for got, want in zip(logits, expected_logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert triton.mem.can_use_mem_size == triton.mem.size

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from lightserve.backend.forward_state import ForwardState
+from lightserve.backend.models.torch_ops import TorchOps
 
 logger = logging.getLogger(__name__)
 
 
 class TorchAttention:
     name = "torch"
+    ops = TorchOps
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads = num_heads
@@ -45,8 +47,11 @@ class TorchAttention:
         slots = slots.masked_fill(~valid, 0)
         state.attn_meta = (slots.reshape(-1), valid[:, None, None, :])
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; causal within each request."""
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState, kv_cache=None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; causal within each request.
+
+        Requests start at position 0 here (no cached prefix), so the new k/v are all there is
+        to attend to and `kv_cache` is not read."""
         out = torch.empty_like(q)
         for start, n in zip(state.b_start, state.b_new_len):
             qi = q[start : start + n].transpose(0, 1).unsqueeze(0)

@@ -53,9 +53,10 @@ class ModelEngine:
         self.cfg = ModelConfig.from_model_dir(model_dir)
         cls = model_class(self.cfg.architecture)
         cls.validate_tp(self.cfg, tp)
-        kv_heads = self.cfg.num_kv_heads // tp.world_size
+        split = tp.head_split(self.cfg.num_heads, self.cfg.num_kv_heads)
+        kv_heads = split.num_kv  # this rank's KV pool holds only its own KV heads
         self.attention_backend = resolve_backend_name(args.attention_backend, self.device, self.dtype)
-        attention = make_attention(self.attention_backend, self.cfg.num_heads // tp.world_size, kv_heads, self.cfg.head_dim)
+        attention = make_attention(self.attention_backend, split.num_q, kv_heads, self.cfg.head_dim)
         self.model = cls(model_dir, self.cfg, tp, self.dtype, self.device, attention)
         size = args.max_total_token_num or kv_pool_size(
             self.device, args.mem_fraction, MemoryManager.bytes_per_token(self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers)

@@ -43,4 +43,39 @@ class TensorParallel:
         return self.rank * per, (self.rank + 1) * per
 
 
+    def head_split(self, num_heads: int, num_kv_heads: int) -> "HeadSplit":
+        """This rank's attention heads: whole KV heads with their query-head groups.
+
+        KV heads are spread as evenly as possible (e.g. 3 KV heads at tp=2 -> 2 and 1), so
+        models whose head counts tp does not divide (SmolLM2: 9 heads, 3 KV heads) still split.
+        """
+        if self.world_size > num_kv_heads:
+            raise ValueError(f"--tp {self.world_size} exceeds the number of key/value heads ({num_kv_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"attention heads ({num_heads}) are not a multiple of key/value heads ({num_kv_heads})")
+        base, extra = divmod(num_kv_heads, self.world_size)
+        kv_start = self.rank * base + min(self.rank, extra)
+        kv_end = kv_start + base + (1 if self.rank < extra else 0)
+        group = num_heads // num_kv_heads
+        return HeadSplit(kv_start * group, kv_end * group, kv_start, kv_end)
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """[start, end) of the query heads and of the KV heads one rank owns."""
+
+    q_start: int
+    q_end: int
+    kv_start: int
+    kv_end: int
+
+    @property
+    def num_q(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def num_kv(self) -> int:
+        return self.kv_end - self.kv_start
+
+
 SINGLE = TensorParallel()

@@ -18,10 +18,12 @@ elementwise ops, row maxima and sequential (cumsum/scatter_add) sums, never by a
 reduction whose rounding depends on how many rows share the tensor, so the same logits, settings
 and seed give the same token whatever else is in the batch and in which order.
 
-Why not Gumbel-max with one random number per (row, vocab index): hashing and two logarithms over
-[B, V] cost about twice the softmax + cumsum of the inverse CDF on this CPU, and a full-vocabulary
-sort (the usual way to top-p) costs 100+ ms at B=64, V=49152; the nucleus here is found from a
-histogram of the probabilities instead (see `_nucleus_floor`).
+Speed (B=64, V=49152 on this CPU). Not Gumbel-max with one random number per (row, vocab index):
+hashing and two logarithms over [B, V] cost about twice the exp + cumsum of the inverse CDF, which
+needs one random number per row. Not a full-vocabulary sort for top-p (100-300 ms): a row with a
+top-k cut finds its nucleus among its top-k candidates, any other row from a histogram of its
+probabilities (see `_nucleus_floor`). Greedy rows cost one max pass; penalties cost nothing unless
+some row of the batch uses one; [B, V] temporaries live in a per-batch `Workspace`.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def _scatter_rows(n_rows: int, ids: Sequence[Sequence[int]], device: torch.devic
 class PenaltyState:
     """History of a batch for the penalties; exists only while some row uses a penalty.
 
-    Rows whose penalties are neutral (repetition 1, presence and frequency 0) carry no history
-    (zeros): their settings never change, so their history is never needed.
+    Rows whose penalties are neutral (repetition 1, presence and frequency 0) change nothing,
+    whatever their history; merged in from a batch without a state they start with none (zeros),
+    since their settings never change and their history is never needed.
     """
 
     counts: torch.Tensor  # int32 [B, V]: times each token was generated
@@ -149,6 +152,7 @@ class PenaltyState:
 
     @staticmethod
     def uses_penalty(p: SamplingParams) -> bool:
+        """Whether a request needs a penalty state at all."""
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     @classmethod
@@ -268,8 +272,7 @@ class _Plan:
     """Host-side summary of a batch, computed when the batch changes, so that each step chooses
     its code paths without reading tensors back."""
 
-    greedy_rows: torch.Tensor  # int64 row indices
-    sample_rows: torch.Tensor
+    sample_rows: torch.Tensor  # int64 indices of the rows that sample (temperature > 0)
     max_top_k: int  # over sampling rows; 0: no row cuts by top-k
     any_top_p: bool  # over sampling rows
     logprob_rows: torch.Tensor  # rows asking for top alternatives
@@ -291,10 +294,8 @@ class SamplingBatch:
     workspace: Workspace = field(init=False, default_factory=Workspace)
 
     def __post_init__(self) -> None:
-        greedy = self.temperature == 0
-        sampling = ~greedy
+        sampling = self.temperature > 0
         self.plan = _Plan(
-            greedy_rows=greedy.nonzero().squeeze(1),
             sample_rows=sampling.nonzero().squeeze(1),
             max_top_k=int(torch.where(sampling, self.top_k, 0).max()) if len(self) else 0,
             any_top_p=bool((sampling & (self.top_p < 1)).any()),
@@ -365,9 +366,11 @@ class SamplingBatch:
 
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38 is still a normal float32
 
-# Nucleus histogram: buckets of 1/8 nat of log-probability below the row maximum; the last
-# regular bucket gathers everything 32 nats or more below it (probability ratio < 1e-14).
-_BUCKETS_PER_NAT = 8
+# Nucleus histogram: buckets of 1/32 nat of log-probability below the row maximum (narrow, so
+# that the one bucket sorted holds few tokens: at most ~300 on SmolLM2 logits at temperature 1.5,
+# top_p 0.95); the last bucket gathers everything 32 nats or more below it (probability ratio
+# < 1e-14, never inside a nucleus since float32 top_p < 1 is at most 1 - 6e-8).
+_BUCKETS_PER_NAT = 32
 _NUM_BUCKETS = 32 * _BUCKETS_PER_NAT
 
 
@@ -379,13 +382,13 @@ def _nucleus_floor(
     top_p >= 1.
 
     The nucleus is the shortest prefix of the tokens sorted by decreasing probability whose mass
-    reaches top_p (transformers' TopPLogitsWarper keeps the same set). Instead of sorting the
+    reaches top_p (transformers' TopPLogitsWarper keeps the same set, ties aside). Instead of sorting the
     vocabulary (100+ ms at B=64, V=49152 on this CPU), bucket the tokens by log-probability, sum
     the mass per bucket (scatter_add), find the bucket where the running mass crosses top_p, and
     sort only that bucket's tokens.
     """
     n = shifted.shape[0]
-    # -8 * shifted: the distance below the row maximum in 1/8 nats (a power-of-two scaling: exact).
+    # -32 * shifted: the distance below the row maximum in buckets (a power-of-two scaling: exact).
     distance = torch.mul(shifted, -_BUCKETS_PER_NAT, out=_buffer(ws, "scratch", shifted, n))
     distance.clamp_(max=_NUM_BUCKETS - 1)
     bucket = _buffer(ws, "bucket", shifted, n, torch.int64)
@@ -400,18 +403,43 @@ def _nucleus_floor(
     crossing = (running < target).sum(1, keepdim=True)  # <= _NUM_BUCKETS - 1 since top_p <= 1
     before = torch.where(crossing > 0, running.gather(1, (crossing - 1).clamp_(min=0)), 0.0)
 
+    # The crossing bucket's tokens, few per row: compact them (rows ascending, then tokens
+    # ascending) and order each row by decreasing value; among equal values the order stays by
+    # token id, so the running sums below never depend on how a sort breaks ties.
     in_crossing = torch.eq(bucket, crossing, out=_buffer(ws, "mask", shifted, n, torch.bool))
-    count = in_crossing.sum(1, keepdim=True)
-    minus_inf = shifted.new_full((), float("-inf"))
-    in_bucket = torch.where(in_crossing, shifted, minus_inf, out=distance)  # distance is done with
-    values, ids = in_bucket.topk(int(count.max()), dim=1)
-    token_mass = weights.gather(1, ids).masked_fill_(values == float("-inf"), 0.0)
+    row, token = in_crossing.nonzero(as_tuple=True)
+    order = torch.sort(shifted[row, token], descending=True, stable=True).indices
+    order = order[torch.sort(row[order], stable=True).indices]
+    row, token = row[order], token[order]
+    count = torch.bincount(row, minlength=n)  # >= 1: the crossing bucket holds mass
+    column = torch.arange(row.numel(), device=row.device) - (count.cumsum(0) - count)[row]
+    width = int(count.max())
+    values = shifted.new_full((n, width), float("-inf")).index_put_((row, column), shifted[row, token])
+    token_mass = weights.new_zeros(n, width).index_put_((row, column), weights[row, token])
     # The mass of bucket `crossing` re-summed in decreasing order; if rounding leaves it short of
     # the target, the whole bucket is kept.
     prefix = torch.cat([before, token_mass], 1).cumsum(1)[:, 1:]
-    last = torch.minimum((prefix < target).sum(1, keepdim=True), count - 1)
+    last = torch.minimum((prefix < target).sum(1, keepdim=True), count[:, None] - 1)
     floor = values.gather(1, last).squeeze(1)
     return torch.where(top_p < 1, floor, float("-inf"))
+
+
+def _nucleus_floor_in_top_k(
+    values: torch.Tensor, weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p floor of rows that also cut by top-k, from their top-k candidates alone.
+
+    `values` [n, w] are the largest values of each row in decreasing order and `weights` [n, w]
+    their weights after the top-k cut, with w > every top_k. Returns (floor [n], usable [n]):
+    a row is usable when no value tied with its k-th one is left outside the candidates
+    (then the candidates hold its whole top-k set and their running sum is its total).
+    """
+    k = top_k.clamp(min=1)[:, None]
+    usable = (values.gather(1, k) < values.gather(1, k - 1)).squeeze(1)
+    prefix = weights.cumsum(1)
+    target = top_p[:, None] * prefix[:, -1:]
+    last = torch.minimum((prefix < target).sum(1, keepdim=True), k - 1)
+    return values.gather(1, last).squeeze(1), usable
 
 
 def sampling_weights(
@@ -429,8 +457,11 @@ def sampling_weights(
     `top_k` int64 [n] (0: no cut); `top_p` float32 [n]. `max_top_k` / `any_top_p` let the caller
     skip a stage without reading the tensors back. The result is a workspace buffer when `ws`
     is given.
+
+    A row's top-p floor comes from its top-k candidates when it has a top-k cut, else from the
+    histogram of `_nucleus_floor`; which way depends on the row alone, never on the batch.
     """
-    n = shifted.shape[0]
+    n, vocab = shifted.shape
     if max_top_k is None:
         max_top_k = int(top_k.max())
     if any_top_p is None:
@@ -439,13 +470,25 @@ def sampling_weights(
     # path on this CPU, 10-30x slower; clamped, such tokens keep a weight of ~1e-38, which no draw
     # can land on (the draw point is at least 2^-24 of the total).
     weights = torch.clamp(shifted, min=_EXP_FLOOR, out=_buffer(ws, "weights", shifted, n)).exp_()
+    floor = shifted.new_full((n,), float("-inf"))  # top-p floor per row
+    pending = top_p < 1 if any_top_p else None  # rows whose floor is still to be found
     if max_top_k > 0:
-        kth = torch.topk(shifted, max_top_k, dim=1).values.gather(1, (top_k - 1).clamp(min=0)[:, None])
-        kth.masked_fill_(top_k[:, None] <= 0, float("-inf"))
+        # One candidate past the largest k, to see whether a tie runs past a row's k-th value.
+        values, ids = torch.topk(shifted, min(max_top_k + 1, vocab), dim=1)
+        kth = values.gather(1, (top_k - 1).clamp(min=0)[:, None]).masked_fill_(top_k[:, None] <= 0, float("-inf"))
         weights.masked_fill_(torch.lt(shifted, kth, out=_buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
-    if any_top_p:
-        floor = _nucleus_floor(shifted, weights, top_p, ws)[:, None]
-        weights.masked_fill_(torch.lt(shifted, floor, out=_buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
+        if pending is not None:
+            in_top_k, usable = _nucleus_floor_in_top_k(values, weights.gather(1, ids), top_k, top_p)
+            done = pending & (top_k > 0) & usable
+            floor = torch.where(done, in_top_k, floor)
+            pending &= ~done
+    if pending is not None:
+        rows = pending.nonzero().squeeze(1)
+        if rows.numel() == n:
+            floor = _nucleus_floor(shifted, weights, top_p, ws)
+        elif rows.numel():  # a few rows: plain allocations, the workspace holds [n, V] shapes
+            floor[rows] = _nucleus_floor(shifted[rows], weights[rows], top_p[rows])
+        weights.masked_fill_(torch.lt(shifted, floor[:, None], out=_buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
     return weights
 
 

@@ -6,14 +6,15 @@ server's event loop and closes it at shutdown, so the launcher only has to run u
 
     uvicorn.run(build_app(manager, args), host=args.host, port=args.port)
 
-Every failure is answered with JSON (`{"error", "error_type"}` on the TGI routes); unexpected
-exceptions reach the client as a plain 500 message, their traceback only the server log.
+Every failure is answered with JSON: `{"error", "error_type"}` on the TGI routes,
+`{"error": {"message", "type", "param", "code"}}` under `/v1/`. Unexpected exceptions reach the
+client as a plain 500 message, their traceback only the server log.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +27,8 @@ from lightserve.httpserver.auth import ApiKeyMiddleware
 from lightserve.httpserver.disconnect import ClientDisconnected
 from lightserve.httpserver.errors import GENERATION, ApiError, unavailable
 from lightserve.httpserver.manager import HttpServerManager
+from lightserve.httpserver.openai_api import OpenAIApi
+from lightserve.httpserver.openai_errors import NOT_FOUND, is_openai_path, openai_error_body, openai_status
 from lightserve.httpserver.tgi_api import TGIApi
 from lightserve.server_args import ServerArgs
 
@@ -38,10 +41,11 @@ _CLIENT_CLOSED = 499
 
 def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
     tgi = TGIApi(manager, args)
+    openai = OpenAIApi(manager, args)
 
     async def health(request: Request) -> Response:
         if not manager.healthy:
-            return _error_response(unavailable(manager.failure or ""))
+            return _error_response(request, unavailable(manager.failure or ""))
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
@@ -58,8 +62,13 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
     middleware = []
     if args.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=args.api_key, open_paths=OPEN_PATHS))
-    return Starlette(
-        routes=[Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]), *tgi.routes()],
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *tgi.routes(),
+            *openai.routes(),
+        ],
         middleware=middleware,
         exception_handlers={
             ApiError: _api_error,
@@ -69,15 +78,23 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
         },
         lifespan=lifespan,
     )
+    app.state.metrics = manager.metrics  # for the exception handlers, which only get the request
+    return app
 
 
-def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.tgi_body(), status_code=error.status_code)
+def _error_response(request: Request, error: ApiError, headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
+    """`error` in the shape of the API that `request` belongs to."""
+    if is_openai_path(request.url.path):
+        return JSONResponse(openai_error_body(error), status_code=openai_status(error), headers=headers)
+    return JSONResponse(error.tgi_body(), status_code=error.status_code, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return _error_response(exc)
+    if 400 <= exc.status_code < 500:
+        # Refused before submission; requests that were submitted are counted when they end.
+        request.app.state.metrics.request_rejected()
+    return _error_response(request, exc)
 
 
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
@@ -88,10 +105,10 @@ async def _client_disconnected(request: Request, exc: Exception) -> Response:
 async def _http_exception(request: Request, exc: Exception) -> Response:
     """Routing errors (404, 405) in the same JSON shape as every other error."""
     assert isinstance(exc, HTTPException)
-    kind = "not_found" if exc.status_code == 404 else "http"
-    return JSONResponse({"error": exc.detail, "error_type": kind}, status_code=exc.status_code, headers=exc.headers)
+    kind = NOT_FOUND if exc.status_code == 404 else "http"
+    return _error_response(request, ApiError(exc.status_code, exc.detail, kind), exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # Starlette re-raises the exception after this answer, so the ASGI server logs the traceback.
-    return _error_response(ApiError(500, "internal server error", GENERATION))
+    return _error_response(request, ApiError(500, "internal server error", GENERATION))

@@ -1,4 +1,8 @@
-"""`--api_key`: every route but the open ones requires `Authorization: Bearer KEY`."""
+"""`--api_key`: every route but the open ones requires `Authorization: Bearer KEY`.
+
+The 401 answer has the error shape of the API the path belongs to (OpenAI under `/v1/`, TGI
+elsewhere), so each client library reports it as an authentication error of its own kind.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lightserve.httpserver.errors import AUTHENTICATION, ApiError
+from lightserve.httpserver.openai_errors import invalid_api_key, is_openai_path, openai_error_body
+
+_MESSAGE = "missing or wrong API key (send `Authorization: Bearer KEY`)"
 
 
 class ApiKeyMiddleware:
@@ -26,8 +33,11 @@ class ApiKeyMiddleware:
         given = dict(scope["headers"]).get(b"authorization", b"")
         # Constant-time comparison: the time taken must not reveal how much of the key matched.
         if not hmac.compare_digest(given, self._expected):
-            error = ApiError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", AUTHENTICATION)
-            response = JSONResponse(error.tgi_body(), status_code=401, headers={"www-authenticate": "Bearer"})
+            if is_openai_path(scope["path"]):
+                body = openai_error_body(invalid_api_key(_MESSAGE))
+            else:
+                body = ApiError(401, _MESSAGE, AUTHENTICATION).tgi_body()
+            response = JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

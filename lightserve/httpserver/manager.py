@@ -24,12 +24,12 @@ import itertools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import zmq
 import zmq.asyncio
 
-from lightserve.httpserver.metrics import ServerMetrics
+from lightserve.httpserver.metrics import RequestRecord, ServerMetrics
 from lightserve.io_struct import (
     AbortReq, BatchTextOut, FinishReason, GenerateReq, ImageItem, RouterStats, SamplingParams, TextOut,
 )
@@ -40,6 +40,7 @@ from lightserve.utils.run_paths import RunPaths
 logger = logging.getLogger(__name__)
 
 _Outgoing = Union[GenerateReq, AbortReq]
+T = TypeVar("T")
 
 
 class ServerUnavailable(Exception):
@@ -58,6 +59,7 @@ class RequestStream:
         self.req = req
         self._queue: asyncio.Queue[TextOut] = asyncio.Queue()
         self._finished = False
+        self._record: Optional[RequestRecord] = None
 
     @property
     def req_id(self) -> int:
@@ -65,10 +67,12 @@ class RequestStream:
 
     async def __aenter__(self) -> "RequestStream":
         self._manager._submit(self)
+        self._record = self._manager.metrics.request_started()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._manager._release(self, aborted=not self._finished)
+        self._record.end()
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -79,6 +83,7 @@ class RequestStream:
         out = await self._queue.get()
         if out.finish_reason is not None or out.error is not None:
             self._finished = True
+        self._record.on_output(out)
         return out
 
     def _deliver(self, out: TextOut) -> None:
@@ -195,13 +200,17 @@ class HttpServerManager:
 
     # ---- requests --------------------------------------------------------------------------
 
-    async def tokenize(self, text: str) -> list[int]:
-        """Prompt token ids, with the special tokens the tokenizer adds by default (e.g. bos)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize_pool, self._encode, text)
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Prompt token ids, by default with the special tokens the tokenizer adds (e.g. bos).
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        A prompt rendered by a chat template already holds its special tokens: pass False.
+        """
+        return await self.with_tokenizer(lambda tok: list(tok.encode(text, add_special_tokens=add_special_tokens)))
+
+    async def with_tokenizer(self, work: Callable[..., T]) -> T:
+        """`work(tokenizer)` on the tokenizer's own thread (chat templates, decoding for logprobs)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, work, self.tokenizer)
 
     def generate(
         self, prompt_ids: list[int], sampling: SamplingParams, images: Optional[list[ImageItem]] = None
@@ -280,6 +289,15 @@ class HttpServerManager:
         stream = self._streams.get(out.req_id)
         if stream is not None:  # else: aborted already, the output is late
             stream._deliver(out)
+
+
+def failure_of(out: TextOut) -> Optional[str]:
+    """The error that ended a request, or None for a normal output."""
+    if out.error is not None:
+        return out.error
+    if out.finish_reason is FinishReason.ABORT:
+        return "the request was aborted by the server"
+    return None
 
 
 def _error_out(req_id: int, reason: str) -> TextOut:

@@ -94,7 +94,9 @@ def check_prompt_length(prompt_len: int, field: str) -> None:
         raise validation_error(f"`{field}` must not be empty", field)
 
 
-def resolve_max_new_tokens(requested: Optional[int], prompt_len: int, args: ServerArgs, field: str) -> int:
+def resolve_max_new_tokens(
+    requested: Optional[int], prompt_len: int, args: ServerArgs, field: str, prompt_field: str = "inputs"
+) -> int:
     """The number of tokens the request may generate, within `args.max_req_total_len`.
 
     An explicit value that does not fit beside the prompt is refused (the client asked for
@@ -106,8 +108,8 @@ def resolve_max_new_tokens(requested: Optional[int], prompt_len: int, args: Serv
     limit = min(args.max_req_total_len, args.max_total_token_num or args.max_req_total_len)
     if prompt_len >= limit:
         raise validation_error(
-            f"`inputs`: the prompt must have fewer than {limit} tokens (max_req_total_len / KV capacity), "
-            f"got {prompt_len}", "inputs"
+            f"`{prompt_field}`: the prompt must have fewer than {limit} tokens (max_req_total_len / KV capacity), "
+            f"got {prompt_len}", prompt_field
         )
     if requested is None:
         return min(args.max_new_tokens_default, limit - prompt_len)

@@ -30,11 +30,11 @@ from starlette.routing import Route
 
 from lightserve.httpserver.disconnect import run_unless_disconnected
 from lightserve.httpserver.errors import GENERATION, ApiError, generation_error, unavailable
-from lightserve.httpserver.manager import HttpServerManager, RequestStream, ServerUnavailable
+from lightserve.httpserver.manager import HttpServerManager, RequestStream, ServerUnavailable, failure_of
 from lightserve.httpserver.params import read_body
 from lightserve.httpserver.sse import EventStreamResponse, sse_event
 from lightserve.httpserver.tgi_params import TGIRequest, parse_tgi_request, tgi_sampling_params, truncate_prompt
-from lightserve.io_struct import FinishReason, SamplingParams, TextOut
+from lightserve.io_struct import SamplingParams, TextOut
 from lightserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class TGIApi:
         except ServerUnavailable as exc:
             raise unavailable(str(exc)) from None
         last = collected[-1]
-        failure = _failure(last)
+        failure = failure_of(last)
         if failure is not None:
             raise generation_error(failure)
         response: dict[str, Any] = {"generated_text": prep.full_text("".join(o.text for o in collected))}
@@ -125,7 +125,7 @@ class TGIApi:
         try:
             async with self.manager.generate(prep.prompt_ids, prep.sampling) as outs:
                 async for out in outs:
-                    failure = _failure(out)
+                    failure = failure_of(out)
                     if failure is not None:
                         yield sse_event(generation_error(failure).tgi_body())
                         return
@@ -165,15 +165,6 @@ def _token(out: TextOut, text: str, special: bool) -> dict[str, Any]:
 
 async def _collect(outs: RequestStream) -> list[TextOut]:
     return [out async for out in outs]
-
-
-def _failure(out: TextOut) -> Optional[str]:
-    """The error that ended a request, or None for a normal output."""
-    if out.error is not None:
-        return out.error
-    if out.finish_reason is FinishReason.ABORT:
-        return "the request was aborted by the server"
-    return None
 
 
 def _generated_tokens(last: TextOut, seen: int) -> int:

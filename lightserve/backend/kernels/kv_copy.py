@@ -29,7 +29,8 @@ def _kv_copy_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     tl.store(v_cache_ptr + slot * stride_vct + heads * stride_vch + dims, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
     """Write k/v [T, H, D] into k_cache/v_cache [S, H, D] at rows `slots` [T] (int32 or int64)."""
     check_device(k.device)
     n_tokens, n_heads, head_dim = k.shape

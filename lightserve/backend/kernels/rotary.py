@@ -43,7 +43,8 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr,
         _rotate_heads(k_ptr, stride_kt, stride_kh, n_k_heads, token, cos, sin, half, BLOCK_HK, BLOCK_HALF)
 
 
-def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place by per-token cos/sin [T, D/2]; returns (q, k).
 
     q and k may be strided views (e.g. slices of a fused qkv output) as long as the head dim is

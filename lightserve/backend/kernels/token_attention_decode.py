@@ -179,7 +179,8 @@ def token_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     if num_heads % num_kv_heads or k_cache.shape[2] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}")
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)} / "
+                         f"v_cache {tuple(v_cache.shape)}")
     if plan.mid_out.shape[:2] != (batch, num_heads):
         raise ValueError("the decode plan was made for another batch shape")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("req_to_token", req_to_token)):

@@ -19,6 +19,7 @@ import torch
 
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.kernels.context_attention import context_attention, packed_table
+from lightserve.backend.kernels.ops import TritonOps
 from lightserve.backend.kernels.runtime import check_device
 from lightserve.backend.kernels.token_attention_decode import DecodePlan, plan_decode, token_attention_decode
 
@@ -37,6 +38,7 @@ class PrefillPlan:
 
 class TritonAttention:
     name = "triton"
+    ops = TritonOps  # the layer template runs norms, rotary, SiLU-mul and the KV write on Triton too
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         # Fail at model construction, not at the first request, on a machine that cannot launch.
@@ -86,7 +88,8 @@ class TritonAttention:
         return context_attention(q, k, v, plan.packed_table, plan.packed_rows, plan.b_new_len, plan.b_new_len,
                                  plan.b_q_start, plan.max_new_len, self.scale)
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               state: ForwardState) -> torch.Tensor:
         """q [B, Hq, D] of the one new token per request; K/V read through the token table in place."""
         plan: DecodePlan = state.attn_meta
         return token_attention_decode(q, k_cache, v_cache, state.req_to_token, state.b_req_idx, state.b_seq_len,

@@ -17,16 +17,10 @@ import torch.nn.functional as F
 
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.models.config import ModelConfig
-from lightserve.backend.models.rotary import RotaryTable, apply_rotary
+from lightserve.backend.models.rotary import RotaryTable
+from lightserve.backend.models.torch_ops import TorchOps
 from lightserve.backend.models.weights import CheckpointReader
 from lightserve.backend.parallel import TensorParallel
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers' LlamaRMSNorm: statistics in fp32, scale in model dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class LayerWeights:
@@ -37,17 +31,19 @@ class LayerWeights:
             return t.to(device=device, dtype=dtype).contiguous()
 
         attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        q = reader.get_heads(attn + "q_proj.weight", tp, cfg.num_heads, cfg.head_dim)
-        k = reader.get_heads(attn + "k_proj.weight", tp, cfg.num_kv_heads, cfg.head_dim)
-        v = reader.get_heads(attn + "v_proj.weight", tp, cfg.num_kv_heads, cfg.head_dim)
+        split = tp.head_split(cfg.num_heads, cfg.num_kv_heads)
+        q_heads, kv_heads, d = (split.q_start, split.q_end), (split.kv_start, split.kv_end), cfg.head_dim
+        q = reader.get_heads(attn + "q_proj.weight", q_heads, d)
+        k = reader.get_heads(attn + "k_proj.weight", kv_heads, d)
+        v = reader.get_heads(attn + "v_proj.weight", kv_heads, d)
         self.qkv = load(torch.cat([q, k, v]))
         self.qkv_bias: Optional[torch.Tensor] = None
         if attn + "q_proj.bias" in reader:
-            qb = reader.get_heads(attn + "q_proj.bias", tp, cfg.num_heads, cfg.head_dim)
-            kb = reader.get_heads(attn + "k_proj.bias", tp, cfg.num_kv_heads, cfg.head_dim)
-            vb = reader.get_heads(attn + "v_proj.bias", tp, cfg.num_kv_heads, cfg.head_dim)
+            qb = reader.get_heads(attn + "q_proj.bias", q_heads, d)
+            kb = reader.get_heads(attn + "k_proj.bias", kv_heads, d)
+            vb = reader.get_heads(attn + "v_proj.bias", kv_heads, d)
             self.qkv_bias = load(torch.cat([qb, kb, vb]))
-        self.o_proj = load(reader.get_heads(attn + "o_proj.weight", tp, cfg.num_heads, cfg.head_dim, dim=1))
+        self.o_proj = load(reader.get_heads(attn + "o_proj.weight", q_heads, d, dim=1))
         gate = reader.get_split(mlp + "gate_proj.weight", tp, dim=0)
         up = reader.get_split(mlp + "up_proj.weight", tp, dim=0)
         self.gate_up = load(torch.cat([gate, up]))
@@ -65,8 +61,10 @@ class DecoderLayer:
         self.cfg = cfg
         self.tp = tp
         self.attention = attention
-        self.heads = cfg.num_heads // tp.world_size
-        self.kv_heads = cfg.num_kv_heads // tp.world_size
+        self.ops = getattr(attention, "ops", TorchOps)  # torch or triton versions of the small ops
+        split = tp.head_split(cfg.num_heads, cfg.num_kv_heads)
+        self.heads = split.num_q
+        self.kv_heads = split.num_kv
         self.head_dim = cfg.head_dim
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
@@ -83,10 +81,10 @@ class DecoderLayer:
 
     # ---- hooks ---------------------------------------------------------------------------
     def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden, self.w.input_norm, self.cfg.rms_norm_eps)
+        return self.ops.rms_norm(hidden, self.w.input_norm, self.cfg.rms_norm_eps)
 
     def ffn_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
+        return self.ops.rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = F.linear(x, self.w.qkv, self.w.qkv_bias)
@@ -95,16 +93,14 @@ class DecoderLayer:
         return q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), v.view(n, self.kv_heads, self.head_dim)
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, state.cos, state.sin), apply_rotary(k, state.cos, state.sin)
+        return self.ops.rotary(q, k, state.cos, state.sin)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> None:
-        k_cache, v_cache = kv
-        k_cache.index_copy_(0, state.out_slots, k)
-        v_cache.index_copy_(0, state.out_slots, v)
+        self.ops.write_kv(kv[0], kv[1], state.out_slots, k, v)
 
     def attend(self, q, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> torch.Tensor:
         if state.is_prefill:
-            o = self.attention.prefill(q, k, v, state)
+            o = self.attention.prefill(q, k, v, state, kv_cache=kv)
         else:
             o = self.attention.decode(q, kv[0], kv[1], state)
         return o.reshape(o.shape[0], self.q_size)
@@ -113,9 +109,7 @@ class DecoderLayer:
         return F.linear(o, self.w.o_proj)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.w.gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w.down)
+        return F.linear(self.ops.silu_and_mul(F.linear(x, self.w.gate_up)), self.w.down)
 
 
 class CausalLM:
@@ -134,6 +128,7 @@ class CausalLM:
         self.dtype = dtype
         self.device = device
         self.attention = attention
+        self.ops = getattr(attention, "ops", TorchOps)
         self.validate_tp(cfg, tp)
         reader = CheckpointReader(model_dir)
         self.load_weights(reader)
@@ -141,10 +136,11 @@ class CausalLM:
 
     @staticmethod
     def validate_tp(cfg: ModelConfig, tp: TensorParallel) -> None:
-        for what, n in (("attention heads", cfg.num_heads), ("key/value heads", cfg.num_kv_heads),
-                        ("intermediate size", cfg.intermediate_size), ("vocab size", cfg.vocab_size)):
+        """Heads may split unevenly (whole KV groups per rank); MLP and vocab must divide."""
+        tp.head_split(cfg.num_heads, cfg.num_kv_heads)
+        for what, n in (("intermediate size", cfg.intermediate_size), ("vocab size", cfg.vocab_size)):
             if n % tp.world_size:
-                raise ValueError(f"number of {what} ({n}) is not divisible by --tp {tp.world_size}")
+                raise ValueError(f"{what} ({n}) is not divisible by --tp {tp.world_size}")
 
     def load_weights(self, reader: CheckpointReader) -> None:
         p, cfg = self.prefix, self.cfg
@@ -174,7 +170,7 @@ class CausalLM:
         return self.tp.all_reduce(out)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
+        x = self.ops.rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
         logits = F.linear(x, self.lm_head).float()
         return self.tp.all_gather_last_dim(logits)
 

@@ -51,10 +51,9 @@ class CheckpointReader:
         index[dim] = slice(start, end)
         return sl[tuple(index)]
 
-    def get_heads(self, name: str, tp: TensorParallel, num_heads: int, head_dim: int, dim: int = 0) -> torch.Tensor:
-        """This rank's share of a tensor laid out head by head along `dim`."""
-        h0, h1 = tp.shard(num_heads, f"{name}: number of heads")
-        return self.get_shard(name, dim, h0 * head_dim, h1 * head_dim)
+    def get_heads(self, name: str, heads: tuple[int, int], head_dim: int, dim: int = 0) -> torch.Tensor:
+        """Heads [start, end) of a tensor laid out head by head along `dim`."""
+        return self.get_shard(name, dim, heads[0] * head_dim, heads[1] * head_dim)
 
     def get_split(self, name: str, tp: TensorParallel, dim: int) -> torch.Tensor:
         """This rank's equal share of a tensor along `dim`."""

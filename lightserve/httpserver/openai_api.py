@@ -1,0 +1,285 @@
+"""OpenAI-compatible routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+
+A request becomes one generation per prompt and choice (`n`), submitted together and run
+concurrently; their outputs are merged into one answer or one event stream. Streams follow
+OpenAI: `data: {chunk}` events (the first chunk of a chat choice carries the role), an optional
+usage chunk (`stream_options.include_usage`), then `data: [DONE]`. A failure after the stream
+started ends it with `data: {"error": {...}}` and `[DONE]`.
+
+`usage.prompt_tokens` counts each prompt once, however many choices it has (as OpenAI bills it);
+`completion_tokens` counts the tokens of every choice, the end-of-sequence token included.
+Errors use OpenAI's shape (rendered by the app for paths under `/v1/`, see `openai_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncGenerator, AsyncIterator, Union
+
+from jinja2.exceptions import TemplateError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lightserve.httpserver.disconnect import cancel_and_wait, run_unless_disconnected
+from lightserve.httpserver.errors import GENERATION, ApiError, generation_error, unavailable, validation_error
+from lightserve.httpserver.manager import HttpServerManager, ServerUnavailable, failure_of
+from lightserve.httpserver.openai_errors import model_not_found, openai_error_body
+from lightserve.httpserver.openai_format import ChatFormat, ChoiceInfo, CompletionFormat, usage
+from lightserve.httpserver.openai_params import (
+    ChatCompletionRequest, CompletionRequest, chat_conversation, chat_max_tokens, chat_top_logprobs, check_common,
+    check_images, completion_prompts, openai_sampling,
+)
+from lightserve.httpserver.params import check_prompt_length, parse_json, read_body
+from lightserve.httpserver.sse import EventStreamResponse, sse_event
+from lightserve.io_struct import SamplingParams, TextOut
+from lightserve.server_args import ServerArgs
+from lightserve.utils.embedded_model import EMBEDDED_MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+_Format = Union[ChatFormat, CompletionFormat]
+_DONE = b"data: [DONE]\n\n"
+
+
+def served_model_name(args: ServerArgs) -> str:
+    """The model id of `/v1/models`: the model directory's name."""
+    return Path(args.model_dir).name if args.model_dir else EMBEDDED_MODEL_NAME
+
+
+@dataclass
+class _Choice:
+    """One generation of a request: a prompt and the sampling of one of its `n` choices."""
+
+    info: ChoiceInfo
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class _Prepared:
+    """A validated request, ready to submit."""
+
+    fmt: _Format
+    choices: list[_Choice]
+    prompt_tokens: int  # every prompt counted once
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+class OpenAIApi:
+    """The OpenAI route handlers over one `HttpServerManager`."""
+
+    def __init__(self, manager: HttpServerManager, args: ServerArgs) -> None:
+        self.manager = manager
+        self.args = args
+        self.model_name = served_model_name(args)
+        self.created = int(time.time())
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ]
+
+    # ---- handlers --------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._model_card())
+
+    async def completions(self, request: Request) -> Response:
+        return await self._answer(request, await self._prepare_completion(request))
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._answer(request, await self._prepare_chat(request))
+
+    # ---- preparing -------------------------------------------------------------------------
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lightserve",
+                "max_model_len": self.args.max_req_total_len}
+
+    def _check_model(self, model: str) -> None:
+        if model not in (self.model_name, self.args.model_dir):
+            raise model_not_found(model, self.model_name)
+
+    async def _body(self, request: Request, model: type[CompletionRequest] | type[ChatCompletionRequest]):
+        if not self.manager.healthy:
+            raise unavailable(self.manager.failure or "")
+        body = parse_json(model, await read_body(request))
+        self._check_model(body.model)
+        check_common(body)
+        return body
+
+    async def _prepare_completion(self, request: Request) -> _Prepared:
+        body: CompletionRequest = await self._body(request, CompletionRequest)
+        prompts = completion_prompts(body, len(self.manager.tokenizer))
+        logprobs = body.logprobs is not None
+        choices, prompt_tokens = [], 0
+        for p, prompt in enumerate(prompts):
+            ids = await self.manager.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            check_prompt_length(len(ids), "prompt")
+            echo = ""
+            if body.echo:
+                echo = prompt if isinstance(prompt, str) else await self.manager.with_tokenizer(lambda tok: tok.decode(ids))
+            samplings = openai_sampling(body, len(ids), self.args, max_tokens=body.max_tokens, max_tokens_field="max_tokens",
+                                        prompt_field="prompt", logprobs=body.logprobs or 0)
+            for j, sampling in enumerate(samplings):
+                # OpenAI's numbering: the choices of prompt p are p*n .. p*n + n-1.
+                info = ChoiceInfo(index=p * len(samplings) + j, logprobs=logprobs, echo=echo)
+                choices.append(_Choice(info, ids, sampling))
+            prompt_tokens += len(ids)
+        return _Prepared(CompletionFormat(), choices, prompt_tokens, bool(body.stream), body.include_usage, logprobs)
+
+    async def _prepare_chat(self, request: Request) -> _Prepared:
+        body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        conversation = chat_conversation(body.messages)
+        check_images(conversation.images, self.args)
+        top = chat_top_logprobs(body)
+        max_tokens, max_tokens_field = chat_max_tokens(body)
+        text = await self._render_chat(conversation.messages)
+        # The template wrote the special tokens (bos, turn markers) itself.
+        ids = await self.manager.tokenize(text, add_special_tokens=False)
+        check_prompt_length(len(ids), "messages")
+        samplings = openai_sampling(body, len(ids), self.args, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
+                                    prompt_field="messages", logprobs=top)
+        logprobs = bool(body.logprobs)
+        choices = [_Choice(ChoiceInfo(index=i, logprobs=logprobs), ids, s) for i, s in enumerate(samplings)]
+        return _Prepared(ChatFormat(), choices, len(ids), bool(body.stream), body.include_usage, logprobs)
+
+    async def _render_chat(self, messages: list[dict[str, str]]) -> str:
+        def render(tok) -> str:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        try:
+            return await self.manager.with_tokenizer(render)
+        except (TemplateError, ValueError) as exc:  # no template, or the template refused the messages
+            raise validation_error(f"`messages`: the chat template could not render them: {exc}", "messages") from None
+
+    # ---- answering -------------------------------------------------------------------------
+
+    async def _answer(self, request: Request, prep: _Prepared) -> Response:
+        if prep.stream:
+            return EventStreamResponse(self._events(prep))
+        try:
+            outs = await run_unless_disconnected(request.receive, self._collect(prep.choices))
+        except ServerUnavailable as exc:
+            raise unavailable(str(exc)) from None
+        flat = [o for choice_outs in outs for o in choice_outs]
+        tops = iter(await self._top_texts(flat) if prep.logprobs else [[] for _ in flat])
+        choices = [prep.fmt.full_choice(c.info, choice_outs, [next(tops) for _ in choice_outs])
+                   for c, choice_outs in zip(prep.choices, outs)]
+        completion_tokens = sum(_completion_tokens(o) for o in outs)
+        return JSONResponse({
+            **_header(prep.fmt, prep.fmt.object_full, self.model_name),
+            "choices": choices,
+            "usage": usage(prep.prompt_tokens, completion_tokens),
+        })
+
+    async def _collect(self, choices: list[_Choice]) -> list[list[TextOut]]:
+        """Every output of every choice; the first failure fails the whole request."""
+        results: list[list[TextOut]] = [[] for _ in choices]
+        async with contextlib.aclosing(self._merged(choices)) as merged:
+            async for i, out in merged:
+                failure = failure_of(out)
+                if failure is not None:
+                    raise generation_error(failure)
+                results[i].append(out)
+        return results
+
+    async def _events(self, prep: _Prepared) -> AsyncGenerator[bytes, None]:
+        header = _header(prep.fmt, prep.fmt.object_chunk, self.model_name)
+
+        def chunk(choices: list[dict[str, Any]], usage_body: Any = None) -> bytes:
+            body = {**header, "choices": choices}
+            if prep.include_usage:  # OpenAI: then every chunk has `usage`, null but in the last one
+                body["usage"] = usage_body
+            return sse_event(body)
+
+        offsets = [len(c.info.echo) for c in prep.choices]
+        completion_tokens = [0] * len(prep.choices)
+        try:
+            for c in prep.choices:
+                opening = prep.fmt.opening(c.info)
+                if opening is not None:
+                    yield chunk([opening])
+            async with contextlib.aclosing(self._merged(prep.choices)) as merged:
+                async for i, out in merged:
+                    failure = failure_of(out)
+                    if failure is not None:
+                        yield sse_event(openai_error_body(generation_error(failure)))
+                        break
+                    completion_tokens[i] = out.completion_tokens or completion_tokens[i] + 1
+                    tops = (await self._top_texts([out]))[0] if prep.logprobs else []
+                    piece = prep.fmt.delta(prep.choices[i].info, out, tops, offsets[i])
+                    offsets[i] += len(out.text)
+                    if piece is not None:
+                        yield chunk([piece])
+                else:  # every choice ended normally
+                    if prep.include_usage:
+                        yield chunk([], usage(prep.prompt_tokens, sum(completion_tokens)))
+        except ServerUnavailable as exc:
+            yield sse_event(openai_error_body(unavailable(str(exc))))
+        except Exception:  # headers are sent: the stream can only end with an error event
+            logger.exception("OpenAI stream failed")
+            yield sse_event(openai_error_body(ApiError(500, "internal server error", GENERATION)))
+        yield _DONE
+
+    async def _merged(self, choices: list[_Choice]) -> AsyncIterator[tuple[int, TextOut]]:
+        """(choice index, output) of all choices as they come, until each has ended.
+
+        Each choice is a request of its own, read by a task of its own. Closing this generator
+        early (a failure, a client gone) cancels the tasks, whose `async with` then aborts the
+        requests still running.
+        """
+        queue: asyncio.Queue[tuple[int, Union[TextOut, BaseException]]] = asyncio.Queue()
+
+        async def pump(i: int, choice: _Choice) -> None:
+            try:
+                async with self.manager.generate(choice.prompt_ids, choice.sampling) as outs:
+                    async for out in outs:
+                        queue.put_nowait((i, out))
+            except Exception as exc:  # handed to the reader, which raises it
+                queue.put_nowait((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
+        try:
+            running = len(choices)
+            while running:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None or item.error is not None:
+                    running -= 1
+                yield i, item
+        finally:
+            await cancel_and_wait(*tasks)
+
+    async def _top_texts(self, outs: list[TextOut]) -> list[list[str]]:
+        """Each output's alternative tokens decoded on their own (one trip to the tokenizer thread)."""
+        ids = [[token_id for token_id, _ in out.top_logprobs] for out in outs]
+        if not any(ids):
+            return [[] for _ in outs]
+        return await self.manager.with_tokenizer(lambda tok: [[tok.decode([t]) for t in row] for row in ids])
+
+
+def _header(fmt: _Format, obj: str, model: str) -> dict[str, Any]:
+    return {"id": fmt.id_prefix + secrets.token_hex(12), "object": obj, "created": int(time.time()), "model": model}
+
+
+def _completion_tokens(outs: list[TextOut]) -> int:
+    # The server's count is authoritative; the number of outputs is the fallback.
+    return outs[-1].completion_tokens or len(outs)

@@ -1,0 +1,320 @@
+"""The OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`) and their mapping to
+`SamplingParams`.
+
+Pure functions of the body, the prompt length and the server limits, like `tgi_params`, so the
+validation is tested without a server. Every field this server does not implement is refused by
+name (400) instead of being silently ignored, except at the value that means "off", which
+clients such as LangChain send on every request.
+
+Beyond OpenAI, `top_k`, `repetition_penalty` and `ignore_eos` are accepted (as vLLM does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from lightserve.httpserver.errors import validation_error
+from lightserve.httpserver.params import finalize_sampling, normalize_stop, resolve_max_new_tokens
+from lightserve.io_struct import SamplingParams
+from lightserve.server_args import ServerArgs
+
+# One request may fan out into at most this many generations (prompts x n): each one is a
+# request in the router, and one client must not be able to fill the batch by itself.
+MAX_CHOICES = 64
+MAX_TOP_LOGPROBS = 20  # the backend returns at most this many alternatives per token
+
+# OpenAI fields this server does not implement, with the values that mean "not used".
+_UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None,),
+}
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+def _check_field_names(model: type[BaseModel], data: Any) -> Any:
+    """Refuse unsupported fields (at a non-neutral value) and unknown ones, by name.
+
+    OpenAI itself refuses unknown fields; a typo such as `max_token` must not silently give a
+    default-length answer.
+    """
+    if not isinstance(data, dict):
+        return data
+    for name, value in data.items():
+        if name in model.model_fields:
+            continue
+        if name in _UNSUPPORTED_NEUTRAL:
+            if value not in _UNSUPPORTED_NEUTRAL[name]:
+                raise validation_error(f"`{name}` is not supported by this server", name)
+        else:
+            raise validation_error(f"`{name}` is not a recognized request field", name)
+    return data
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    include_usage: Optional[bool] = None
+
+
+class _CommonRequest(BaseModel):
+    """The fields `/v1/completions` and `/v1/chat/completions` share."""
+
+    model_config = _STRICT
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None  # an end-user id for the client's own bookkeeping; not used
+    # Extensions beyond OpenAI.
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: Optional[bool] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        return _check_field_names(cls, data)
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_CommonRequest):
+    # A string, a list of strings, a list of token ids or a list of lists of token ids.
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = None  # number of top alternatives per token
+    echo: Optional[bool] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    role: str
+    # A string, or a list of content parts ({"type": "text"} / {"type": "image_url"}), checked
+    # by `chat_conversation` for messages that name the offending part.
+    content: Union[str, list[dict[str, Any]]]
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+
+
+# ---- checks beyond types ---------------------------------------------------------------------
+
+
+def check_common(req: _CommonRequest) -> None:
+    """Checks of fields that are not sampling parameters, shared by both routes."""
+    n = req.choices_per_prompt
+    if not 1 <= n <= MAX_CHOICES:
+        raise validation_error(f"`n` must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
+    if req.stream_options is not None and not req.stream:
+        raise validation_error("`stream_options` is only allowed when `stream` is true", "stream_options")
+
+
+def completion_prompts(req: CompletionRequest, vocab_size: int) -> list[Union[str, list[int]]]:
+    """The prompts of a completion request: strings, or token-id lists checked against the vocabulary."""
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompts: list[Union[str, list[int]]] = [prompt]  # type: ignore[list-item]
+    else:
+        prompts = list(prompt)  # type: ignore[arg-type]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise validation_error("`prompt` must not be empty", "prompt")
+    if len(prompts) * req.choices_per_prompt > MAX_CHOICES:
+        raise validation_error(
+            f"`prompt` x `n` must be at most {MAX_CHOICES} completions, got {len(prompts)} x {req.choices_per_prompt}",
+            "prompt",
+        )
+    for p in prompts:
+        if not isinstance(p, str) and not all(0 <= t < vocab_size for t in p):
+            raise validation_error(f"`prompt`: token ids must be in [0, {vocab_size})", "prompt")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+        raise validation_error(f"`logprobs` must be an integer in [0, {MAX_TOP_LOGPROBS}], got {req.logprobs}", "logprobs")
+    if req.echo and req.logprobs is not None:
+        raise validation_error("`echo` with `logprobs` needs prompt logprobs, which this server does not compute", "echo")
+    return prompts
+
+
+def chat_top_logprobs(req: ChatCompletionRequest) -> int:
+    """The number of alternatives per token a chat request asks for (0 without logprobs)."""
+    if req.top_logprobs is None:
+        return 0
+    if not req.logprobs:
+        raise validation_error("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+    if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise validation_error(
+            f"`top_logprobs` must be an integer in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}", "top_logprobs")
+    return req.top_logprobs
+
+
+def chat_max_tokens(req: ChatCompletionRequest) -> tuple[Optional[int], str]:
+    """The requested output length and the name it was given under."""
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise validation_error("give only one of `max_tokens` and `max_completion_tokens`", "max_completion_tokens")
+    if req.max_completion_tokens is not None:
+        return req.max_completion_tokens, "max_completion_tokens"
+    return req.max_tokens, "max_tokens"
+
+
+# ---- chat messages ---------------------------------------------------------------------------
+
+# "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class ImageRef:
+    """An `image_url` content part: where it was and what it points to (a URL or `data:` URI)."""
+
+    message: int
+    part: int
+    url: str
+
+
+@dataclass
+class Conversation:
+    """Messages ready for the tokenizer's chat template, and the images they referred to."""
+
+    messages: list[dict[str, str]]
+    images: list[ImageRef]
+
+
+def chat_conversation(messages: list[ChatMessage]) -> Conversation:
+    """Template-ready messages: roles checked, text parts joined, image parts collected.
+
+    Text parts are joined with newlines. Image parts are taken out of the text; the multimodal
+    path will put the model's image placeholder where they were.
+    """
+    if not messages:
+        raise validation_error("`messages` must not be empty", "messages")
+    out: list[dict[str, str]] = []
+    images: list[ImageRef] = []
+    for i, msg in enumerate(messages):
+        if msg.role not in _ROLES:
+            raise validation_error(
+                f"`messages[{i}].role`: `{msg.role}` is not supported (use one of {', '.join(_ROLES)})",
+                f"messages[{i}].role")
+        text = msg.content if isinstance(msg.content, str) else _join_parts(msg.content, i, images)
+        entry = {"role": _ROLES[msg.role], "content": text}
+        if msg.name is not None:
+            entry["name"] = msg.name
+        out.append(entry)
+    return Conversation(out, images)
+
+
+def _join_parts(parts: list[dict[str, Any]], message: int, images: list[ImageRef]) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        where = f"messages[{message}].content[{j}]"
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str):
+            images.append(ImageRef(message, j, part["image_url"]["url"]))
+        elif kind in ("text", "image_url"):
+            field = "text" if kind == "text" else "image_url.url"
+            raise validation_error(f"`{where}`: a `{kind}` part needs a string `{field}`", where)
+        else:
+            raise validation_error(f"`{where}.type`: `{kind}` content parts are not supported", f"{where}.type")
+    return "\n".join(texts)
+
+
+def check_images(images: list[ImageRef], args: ServerArgs) -> None:
+    """Hook for image input: refuse images until the multimodal path is wired.
+
+    With --enable_multimodal the images will be fetched or decoded from their `data:` URIs,
+    registered with the cache manager and sent as `ImageItem`s through
+    `HttpServerManager.generate(..., images=...)`.
+    """
+    if not images:
+        return
+    where = f"messages[{images[0].message}].content[{images[0].part}]"
+    if not args.enable_multimodal:
+        raise validation_error(f"`{where}`: images need --enable_multimodal", where)
+    raise validation_error(f"`{where}`: image input is not implemented yet", where)
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, choice: int) -> int:
+    """The seed of the `choice`-th answer to a prompt of a request with `seed`.
+
+    Choice 0 uses the seed itself, so `n=1` and the first choice of `n>1` agree; the others get
+    well-mixed seeds of their own, so the answers differ but replay exactly.
+    """
+    if choice == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{choice}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # in [0, 2^63)
+
+
+def openai_sampling(
+    req: _CommonRequest,
+    prompt_len: int,
+    args: ServerArgs,
+    *,
+    max_tokens: Optional[int],
+    max_tokens_field: str,
+    prompt_field: str,
+    logprobs: int,
+) -> list[SamplingParams]:
+    """One `SamplingParams` per choice (`n` of them) for a prompt of `prompt_len` tokens.
+
+    OpenAI semantics: the default temperature is 1 (sampling); `temperature: 0` is greedy.
+    Without `max_tokens` the server default applies, shortened to what fits beside the prompt.
+    """
+    base = SamplingParams(
+        max_new_tokens=resolve_max_new_tokens(max_tokens, prompt_len, args, max_tokens_field, prompt_field),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=-1 if not req.top_k else req.top_k,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
+        frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+        seed=req.seed,
+        stop=normalize_stop([req.stop] if isinstance(req.stop, str) else req.stop, "stop"),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+    )
+    return [
+        finalize_sampling(replace(base, stop=list(base.stop), seed=None if req.seed is None else derive_seed(req.seed, i)))
+        for i in range(req.choices_per_prompt)
+    ]

@@ -1,0 +1,105 @@
+"""Tensor parallelism at tp=2 on CPU (gloo): per-layer outputs and served tokens equal tp=1."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+import torch
+import torch.multiprocessing as tmp
+
+from lightserve import LLM, SamplingParams
+from lightserve.backend.engine import ModelEngine
+from lightserve.backend.parallel import TensorParallel
+from lightserve.io_struct import GenerateReq
+from lightserve.server_args import ServerArgs
+from tests.server_harness import ServerProcess
+
+PROMPTS = [[5, 9, 33, 7, 120, 64, 3], list(range(10, 41))]
+
+
+def _engine_args() -> ServerArgs:
+    return ServerArgs(device="cpu", data_type="float32", attention_backend="torch", max_total_token_num=500,
+                      max_req_total_len=128, running_max_req_size=4)
+
+
+def _layer_outputs(engine: ModelEngine, decode_steps: int = 2) -> list[torch.Tensor]:
+    """Hidden states after every layer, for one prefill and a few decode steps."""
+    seen: list[torch.Tensor] = []
+    for layer in engine.model.layers:
+        original = layer.forward
+
+        def recording(hidden, state, kv, _original=original):
+            out = _original(hidden, state, kv)
+            seen.append(out.detach().clone())
+            return out
+
+        layer.forward = recording
+    reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=10, temperature=0.0))
+            for i, p in enumerate(PROMPTS)]
+    engine.prefill(0, reqs)
+    for _ in range(decode_steps):
+        engine.decode(0)
+    return seen
+
+
+def _rank_main(rank: int, port: int, model_dir: str, results) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    engine = ModelEngine(_engine_args(), model_dir, TensorParallel(rank, 2))
+    outs = _layer_outputs(engine)
+    if rank == 0:
+        results.put([t.numpy() for t in outs])
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_layer_outputs_tp2_match_tp1(tiny_model_dirs, family):
+    model_dir = str(tiny_model_dirs[family])
+    expected = _layer_outputs(ModelEngine(_engine_args(), model_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = tmp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, model_dir, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = results.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(torch.from_numpy(g), e, atol=1e-4, rtol=1e-4, msg=f"layer output {i}")
+
+
+def test_uneven_head_split_and_clear_errors():
+    # SmolLM2's 9 heads / 3 KV heads at tp=2: whole KV groups per rank, 2 + 1.
+    splits = [TensorParallel(r, 2).head_split(9, 3) for r in range(2)]
+    assert [(s.q_start, s.q_end, s.kv_start, s.kv_end) for s in splits] == [(0, 6, 0, 2), (6, 9, 2, 3)]
+    with pytest.raises(ValueError, match="--tp 4 exceeds the number of key/value heads \\(3\\)"):
+        TensorParallel(0, 4).head_split(9, 3)
+
+
+def _generate(url: str, prompt: str, n: int) -> dict:
+    r = httpx.post(url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": n, "details": True}},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_smollm2_tp2_server_token_exact_with_tp1(smollm2_dir):
+    llm = LLM(str(smollm2_dir), data_type="float32", device="cpu", max_total_token_num=2048, max_req_total_len=512)
+    questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?"]
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                 tokenize=False) for q in questions]
+    expected = llm.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0.0))
+    del llm
+    with ServerProcess(smollm2_dir, "--tp", "2", "--data_type", "float32", "--max_total_token_num", "2048",
+                       "--max_req_total_len", "512", "--log_level", "warning") as server:
+        for prompt, exp in zip(prompts, expected):
+            body = _generate(server.url, prompt, 24)
+            assert [t["id"] for t in body["details"]["tokens"]] == exp.outputs[0].token_ids
+            assert body["generated_text"] == exp.outputs[0].text
