@@ -152,3 +152,11 @@ class RouterStats:
     waiting_reqs: int
     # Seconds each request admitted since the last report waited in the queue.
     queue_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BackendCall:
+    """One batch operation for every backend rank (router -> ranks; rank 0 -> other nodes)."""
+
+    method: str  # prefill | decode | filter | merge | pause | remove | stats | shutdown
+    args: list = field(default_factory=list)

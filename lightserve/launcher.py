@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import uvicorn
 from transformers import AutoTokenizer
 
-from lightserve.backend.worker import start_backend_process
+from lightserve.backend.worker import ranks_of_node, start_backend_process
 from lightserve.detokenization.manager import start_detokenization_process
 from lightserve.httpserver.app import build_app
 from lightserve.httpserver.manager import HttpServerManager
@@ -122,6 +122,20 @@ def _watch_children(children: ChildGroup, stop: threading.Event, on_death: Calla
         on_death(f"child process {dead.name} died (exit code {dead.process.exitcode})")
 
 
+def _serve_ranks_only(args: ServerArgs, children: ChildGroup, ranks: list) -> int:
+    """A node other than 0 runs only its backend ranks; node 0's rank 0 drives them."""
+    if not args.dist_init_addr:
+        raise ChildStartError("--node_rank > 0 needs --dist_init_addr (node 0's torch.distributed address)")
+    children.start(ranks)
+    logger.info("node %d: ranks %s ready, following node 0", args.node_rank, [name for name, *_ in ranks])
+    dead = children.wait_for_death(threading.Event())
+    dead.process.join()
+    if dead.process.exitcode:
+        logger.error("%s exited with code %s", dead.name, dead.process.exitcode)
+        return 1
+    return 0
+
+
 def launch(args: ServerArgs) -> int:
     from lightserve.utils.embedded_model import embedded_model_dir
 
@@ -136,11 +150,11 @@ def launch(args: ServerArgs) -> int:
     stop_watch = threading.Event()
     try:
         dist_addr = args.dist_init_addr or f"127.0.0.1:{free_port()}"
-        ranks = range(args.tp)
-        statuses = children.start(
-            [(f"backend-rank{r}", start_backend_process, (args, paths, model_dir, r, args.tp, dist_addr)) for r in ranks]
-            + [("detokenization", start_detokenization_process, (args, paths, tokenizer_dir))]
-        )
+        ranks = [(f"backend-rank{r}", start_backend_process, (args, paths, model_dir, r, dist_addr))
+                 for r in ranks_of_node(args)]
+        if args.node_rank > 0:
+            return _serve_ranks_only(args, children, ranks)
+        statuses = children.start(ranks + [("detokenization", start_detokenization_process, (args, paths, tokenizer_dir))])
         backend_info: dict[str, Any] = statuses[0].info
         children.start([("router", start_router_process, (args, paths, backend_info["max_total_token_num"]))])
         logger.info("backend ready: %s", backend_info)

@@ -103,3 +103,58 @@ def test_smollm2_tp2_server_token_exact_with_tp1(smollm2_dir):
             body = _generate(server.url, prompt, 24)
             assert [t["id"] for t in body["details"]["tokens"]] == exp.outputs[0].token_ids
             assert body["generated_text"] == exp.outputs[0].text
+
+
+def test_two_nodes_on_loopback_serve_a_request(tiny_served_model, tiny_llm_expected):
+    """Two launchers, one rank each: node 1 runs only its rank, driven by node 0's rank 0."""
+    import subprocess
+    import sys
+
+    from tests.server_harness import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    common = ["--tp", "2", "--nnodes", "2", "--dist_init_addr", addr, "--data_type", "float32",
+              "--max_total_token_num", "4000", "--log_level", "warning"]
+    node1 = subprocess.Popen([sys.executable, "-m", "lightserve.api_server", "--model_dir", str(tiny_served_model),
+                              "--device", "cpu", "--node_rank", "1", *common])
+    try:
+        with ServerProcess(tiny_served_model, "--node_rank", "0", *common) as node0:
+            prompt, expected = tiny_llm_expected
+            body = _generate(node0.url, prompt, len(expected.token_ids))
+            assert [t["id"] for t in body["details"]["tokens"]] == expected.token_ids
+        assert node1.wait(30) == 0  # node 1 stops by itself when node 0 goes away
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_expected(tiny_served_model):
+    llm = LLM(str(tiny_served_model), data_type="float32", device="cpu", max_total_token_num=4000)
+    prompt = "The river runs"
+    out = llm.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
+    return prompt, out
+
+
+def test_a_dying_rank_takes_the_server_down_cleanly(tiny_served_model):
+    import signal
+    import time
+
+    import psutil
+
+    server = ServerProcess(tiny_served_model, "--tp", "2", "--data_type", "float32", "--max_total_token_num", "4000",
+                           "--log_level", "warning")
+    try:
+        rank1 = next(c for c in server.children
+                     if any(conn.laddr.endswith("worker1.rpyc") for conn in c.net_connections(kind="unix")))
+        run_dir = server.run_dir()
+        rank1.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        assert server.proc.wait(10) == 1
+        assert time.monotonic() - t0 < 10
+        assert "backend-rank1 died" in server.read_log()
+        _, alive = psutil.wait_procs(server.children, timeout=5)
+        assert not alive
+        assert not __import__("os").path.exists(run_dir)
+    finally:
+        server.stop()

@@ -109,7 +109,9 @@ class Workspace:
         return buf
 
 
-def _buffer(ws: Optional[Workspace], name: str, like: torch.Tensor, rows: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _buffer(
+    ws: Optional[Workspace], name: str, like: torch.Tensor, rows: int, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """A workspace buffer, or a fresh tensor without a workspace."""
     if ws is None:
         return torch.empty((rows, like.shape[1]), dtype=dtype if dtype is not None else like.dtype, device=like.device)
@@ -121,7 +123,9 @@ def _buffer(ws: Optional[Workspace], name: str, like: torch.Tensor, rows: int, d
 # ---------------------------------------------------------------------------------------------
 
 
-def _scatter_rows(n_rows: int, ids: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def _scatter_rows(
+    n_rows: int, ids: Sequence[Sequence[int]], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, token) index pairs of ragged per-row id lists, for one index_put_."""
     rows = torch.repeat_interleave(torch.arange(n_rows), torch.tensor([len(r) for r in ids], dtype=torch.int64))
     cols = torch.tensor([t for r in ids for t in r], dtype=torch.int64)
@@ -172,7 +176,8 @@ class PenaltyState:
             return None
         b = len(params)
         counts = torch.zeros(b, vocab_size, dtype=torch.int32, device=device)
-        counts.index_put_(_scatter_rows(b, output_ids, device), torch.ones((), dtype=torch.int32, device=device), accumulate=True)
+        one = torch.ones((), dtype=torch.int32, device=device)
+        counts.index_put_(_scatter_rows(b, output_ids, device), one, accumulate=True)
         seen = counts > 0
         seen[_scatter_rows(b, prompt_ids, device)] = True
 
@@ -240,7 +245,12 @@ class PenaltyState:
 
     @staticmethod
     def merge(
-        a: Optional["PenaltyState"], b: Optional["PenaltyState"], rows_a: int, rows_b: int, vocab_size: int, device: torch.device | str
+        a: Optional["PenaltyState"],
+        b: Optional["PenaltyState"],
+        rows_a: int,
+        rows_b: int,
+        vocab_size: int,
+        device: torch.device | str,
     ) -> Optional["PenaltyState"]:
         """Rows of `a` then rows of `b`; a missing side is filled with neutral rows."""
         if a is None and b is None:

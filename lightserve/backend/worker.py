@@ -1,8 +1,10 @@
-"""One backend rank as an rpyc service on a unix socket in the run directory.
+"""One backend rank: an rpyc service on a unix socket, or a follower on another node.
 
-The router calls the same method on every rank; each rank runs the same step on its shard
-and the ranks meet in the torch.distributed collectives inside the model. Arguments and
-results cross the socket as `serde` bytes (no pickle, no netrefs).
+The router sends the same `BackendCall` to every rank of this node; each rank runs the same
+step on its shard and the ranks meet in the torch.distributed collectives inside the model.
+Ranks on other nodes (multi-node tensor parallelism) cannot be reached by the router's unix
+sockets: rank 0 forwards every call to them over torch.distributed before running it, and
+they run it in lock-step. Calls and results cross every link as `serde` bytes (no pickle).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import os
 import time
 from multiprocessing.connection import Connection
-from typing import Callable
+from typing import Any, Optional
 
 import rpyc
 import torch
@@ -20,6 +22,7 @@ from rpyc.utils.server import OneShotServer
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.parallel import TensorParallel
+from lightserve.io_struct import BackendCall
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.process import run_child
@@ -37,61 +40,106 @@ RPYC_CONFIG = {
     "sync_request_timeout": None,
 }
 
+ENGINE_METHODS = frozenset({"prefill", "decode", "filter", "merge", "pause", "remove"})
 
-class ModelWorkerService(rpyc.Service):
-    def __init__(self, engine: ModelEngine):
-        super().__init__()
+
+class RankRunner:
+    """Executes BackendCalls on this rank's engine (and forwards them to other nodes)."""
+
+    def __init__(self, engine: ModelEngine, forward_group: Optional[Any] = None):
         self.engine = engine
+        self.forward_group = forward_group  # rank 0 of a multi-node run: the group of remote ranks
         self.last_step_s = 0.0  # time of the last prefill/decode inside this rank
 
-    def _timed(self, fn: Callable, *args):
+    def run(self, payload: bytes) -> bytes:
+        if self.forward_group is not None:
+            broadcast_bytes(payload, self.forward_group)
+        return serde.dumps(self.execute(serde.loads(payload)))
+
+    def execute(self, call: BackendCall) -> Any:
+        if call.method == "stats":
+            return {**self.engine.stats(), "last_step_s": self.last_step_s}
+        if call.method == "shutdown":
+            return None
+        if call.method not in ENGINE_METHODS:
+            raise ValueError(f"unknown backend method {call.method!r}")
         t0 = time.perf_counter()
-        out = fn(*args)
-        self.last_step_s = time.perf_counter() - t0
-        return out
-
-    def exposed_prefill(self, batch_id: int, reqs: bytes) -> bytes:
-        return serde.dumps(self._timed(self.engine.prefill, batch_id, serde.loads(reqs)))
-
-    def exposed_decode(self, batch_id: int) -> bytes:
-        return serde.dumps(self._timed(self.engine.decode, batch_id))
-
-    def exposed_filter(self, batch_id: int, keep_req_ids: bytes) -> None:
-        self.engine.filter(batch_id, serde.loads(keep_req_ids))
-
-    def exposed_merge(self, batch_id: int, other_id: int) -> None:
-        self.engine.merge(batch_id, other_id)
-
-    def exposed_pause(self, batch_id: int, req_ids: bytes) -> bytes:
-        return serde.dumps(self.engine.pause(batch_id, serde.loads(req_ids)))
-
-    def exposed_remove(self, batch_id: int) -> None:
-        self.engine.remove(batch_id)
-
-    def exposed_stats(self) -> bytes:
-        return serde.dumps({**self.engine.stats(), "last_step_s": self.last_step_s})
+        result = getattr(self.engine, call.method)(*call.args)
+        if call.method in ("prefill", "decode"):
+            self.last_step_s = time.perf_counter() - t0
+        return result
 
 
-def _init_distributed(args: ServerArgs, rank: int, world_size: int, dist_addr: str) -> None:
-    if world_size == 1:
-        return
+class ModelWorkerService(rpyc.Service):
+    def __init__(self, runner: RankRunner):
+        super().__init__()
+        self.runner = runner
+
+    def exposed_call(self, payload: bytes) -> bytes:
+        return self.runner.run(payload)
+
+
+def broadcast_bytes(payload: Optional[bytes], group, src: int = 0) -> bytes:
+    """Send `payload` from `src` to every rank of `group` (length first, then the bytes)."""
+    size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src, group=group)
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload is not None
+            else torch.empty(int(size), dtype=torch.uint8))
+    dist.broadcast(data, src, group=group)
+    return data.numpy().tobytes()
+
+
+def follow(runner: RankRunner, group) -> None:
+    """Remote-node rank: run what rank 0 forwards until it says shutdown or goes away."""
+    while True:
+        try:
+            call = serde.loads(broadcast_bytes(None, group))
+        except RuntimeError as e:  # gloo: the connection to node 0 closed
+            logger.info("node 0 went away (%s); stopping", str(e).splitlines()[0][:120])
+            return
+        if call.method == "shutdown":
+            return
+        runner.execute(call)
+
+
+def ranks_of_node(args: ServerArgs) -> range:
+    if args.tp % args.nnodes:
+        raise ValueError(f"--tp {args.tp} is not divisible by --nnodes {args.nnodes}")
+    per_node = args.tp // args.nnodes
+    return range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
+
+
+def _init_distributed(args: ServerArgs, rank: int, dist_addr: str) -> Optional[Any]:
+    """Join the rank group; return the forwarding group (rank 0 + other nodes' ranks) if any."""
+    if args.tp == 1:
+        return None
     backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{dist_addr}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"tcp://{dist_addr}", rank=rank, world_size=args.tp)
+    if args.nnodes == 1:
+        return None
+    remote = [r for r in range(args.tp) if r >= args.tp // args.nnodes]
+    # Every rank must create every group, in the same order. Control messages use gloo even
+    # when the model's collectives use NCCL: they are small and live on the CPU.
+    return dist.new_group([0, *remote], backend="gloo")
 
 
-def start_backend_process(args: ServerArgs, paths: RunPaths, model_dir: str, rank: int, world_size: int,
-                          dist_addr: str, pipe: Connection) -> None:
+def start_backend_process(args: ServerArgs, paths: Optional[RunPaths], model_dir: str, rank: int, dist_addr: str,
+                          pipe: Connection) -> None:
     def setup():
-        # Each rank gets its share of the cores; oversubscription makes every collective wait.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
-        _init_distributed(args, rank, world_size, dist_addr)
-        engine = ModelEngine(args, model_dir, TensorParallel(rank, world_size))
-        socket_path = paths.worker_socket(rank)
-        # One router connection per server; OneShotServer serves it in this thread and returns
-        # when the router goes away.
-        server = OneShotServer(ModelWorkerService(engine), socket_path=socket_path, protocol_config=RPYC_CONFIG)
+        # Each rank gets its share of this node's cores; oversubscription makes every collective wait.
+        per_node = args.tp // args.nnodes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+        forward_group = _init_distributed(args, rank, dist_addr)
+        engine = ModelEngine(args, model_dir, TensorParallel(rank, args.tp))
         info = {"max_total_token_num": engine.mem.size, "vocab_size": engine.cfg.vocab_size,
                 "attention_backend": engine.attention_backend, "dtype": str(engine.dtype)}
+        if args.node_rank > 0:
+            return (lambda: follow(RankRunner(engine), forward_group)), info
+        runner = RankRunner(engine, forward_group if rank == 0 else None)
+        # One router connection per server; OneShotServer serves it in this thread and returns
+        # when the router goes away.
+        server = OneShotServer(ModelWorkerService(runner), socket_path=paths.worker_socket(rank),
+                               protocol_config=RPYC_CONFIG)
         return server.start, info
 
     run_child(f"backend-rank{rank}", pipe, args.log_level, setup)

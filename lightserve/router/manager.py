@@ -9,6 +9,7 @@ from multiprocessing.connection import Connection
 import zmq
 
 from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
+from lightserve.backend.worker import ranks_of_node
 from lightserve.router.req_queue import ReqQueue
 from lightserve.router.scheduler import Scheduler
 from lightserve.router.worker_client import WorkerGroup
@@ -34,7 +35,7 @@ class RouterManager:
         self.to_http.connect(paths.http_in)
         self._last_stats_time = 0.0
         self._published_idle = False
-        self.workers = WorkerGroup(paths, args.tp)
+        self.workers = WorkerGroup(paths, ranks_of_node(args))
         self.max_total_token_num = max_total_token_num
         self.queue = ReqQueue(
             max_total_token_num=max_total_token_num,

@@ -1,0 +1,97 @@
+"""A process's connection to the cache manager (rpyc over the run directory's unix socket)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Optional, Sequence
+
+import rpyc
+
+from lightserve.backend.worker import RPYC_CONFIG
+from lightserve.cache_manager import shm
+from lightserve.cache_manager.manager import AllocItem, NeverFits
+from lightserve.utils.run_paths import RunPaths
+
+
+class CacheClient:
+    """The cache manager's operations, plus reading and writing the segments they name.
+
+    Safe to share between threads: calls are serialised on one connection (each takes well
+    under a millisecond).
+    """
+
+    def __init__(self, paths: RunPaths, connect_timeout_s: float = 60.0):
+        self.prefix = shm.segment_prefix(paths.run_dir)
+        self._lock = threading.Lock()
+        self._conn = self._connect(paths.cache_socket, connect_timeout_s)
+
+    @staticmethod
+    def _connect(socket_path: str, timeout_s: float) -> rpyc.Connection:
+        # The cache manager reports ready once its socket is bound; it may start listening a
+        # moment later.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return rpyc.utils.factory.unix_connect(socket_path, config=dict(RPYC_CONFIG))
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _call(self, method: str, *args):
+        with self._lock:
+            return getattr(self._conn.root, method)(*args)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---- records ---------------------------------------------------------------------------
+    def alloc(self, items: Sequence[AllocItem]) -> Optional[list[tuple[int, bool]]]:
+        """References to the records of these images: [(record_id, data_ready)], or None if
+        they do not fit now. Raises `NeverFits` if they never can."""
+        status, payload = self._call("alloc", tuple(tuple(i) for i in items))
+        if status == "too_many":
+            raise NeverFits(payload)
+        return None if status == "full" else [tuple(r) for r in payload]
+
+    def put_data(self, record_id: int, data: bytes) -> bool:
+        """Write the image bytes into the record's segment and mark them present; False if the
+        record is gone."""
+        try:
+            shm.write(shm.data_name(self.prefix, record_id), data)
+        except FileNotFoundError:
+            return False
+        return bool(self._call("set_data", record_id))
+
+    def release(self, record_ids: Sequence[int]) -> None:
+        self._call("release", tuple(record_ids))
+
+    def status(self, record_ids: Sequence[int]) -> list[tuple[bool, bool, bool, int]]:
+        """Per id: (exists, data_ready, embed_ready, refs)."""
+        return [tuple(s) for s in self._call("status", tuple(record_ids))]
+
+    def read_data(self, record_id: int) -> bytes:
+        return shm.read(shm.data_name(self.prefix, record_id))
+
+    # ---- embeddings (the visual server) ----------------------------------------------------
+    def store_embeds(self, items: Sequence[tuple[int, memoryview]]) -> list[bool]:
+        """Write one encoded batch: (record_id, embedding bytes) each. Per item, whether it was
+        stored (False: the record was evicted meanwhile, its request having been aborted)."""
+        created = self._call("alloc_embeds", tuple((rid, data.nbytes) for rid, data in items))
+        written = []
+        for (rid, data), ok in zip(items, created):
+            if ok:
+                try:
+                    shm.write(shm.embed_name(self.prefix, rid), data)
+                except FileNotFoundError:  # evicted between the two calls
+                    ok = False
+            if ok:
+                written.append(rid)
+        stored = set(rid for rid, ok in zip(written, self._call("set_embeds", tuple(written))) if ok)
+        return [rid in stored for rid, _ in items]
+
+    def stats(self) -> dict[str, int]:
+        return json.loads(self._call("stats"))
