@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Optional
 
 import pytest
 import torch
@@ -249,7 +250,7 @@ DISTRIBUTIONS = [
 @pytest.mark.parametrize("vary", ["seed", "step"])
 def test_empirical_distribution_matches(params: SamplingParams, vary: str) -> None:
     """Many draws of one distribution: across seeds in one batch, or along one request's steps."""
-    n, logits = 40_000, torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5, 1.2, 0.7, -3.0, 0.4])
+    n, logits = 20_000, torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5, 1.2, 0.7, -3.0, 0.4])
     vocab = logits.numel()
     seeds = list(range(n)) if vary == "seed" else [777] * n
     steps = torch.zeros(n, dtype=torch.int64) if vary == "seed" else torch.arange(n)
@@ -410,30 +411,35 @@ def test_filter_and_merge_keep_penalty_rows_aligned() -> None:
     params = [replace(p, temperature=0.8) for p in PENALTY_PARAMS]
     batch = SamplingBatch.build(params, list(range(5)), prompts, vocab, "cpu", output_ids=outputs)
 
-    def expect(state: PenaltyState, order: list) -> None:
-        """`state` rows are the requests `order` (indices into the case; None: a plain request)."""
+    def expect(state: PenaltyState, order: list, generated: Optional[torch.Tensor] = None) -> None:
+        """`state` rows are the requests `order` (indices into the case; None: a plain request),
+        which have since generated the columns of `generated`."""
+        history = [list(outputs[i]) if i is not None else [] for i in order]
+        if generated is not None:
+            history = [h + g for h, g in zip(history, generated.tolist())]
         assert_state_matches(
             state,
             [params[i] if i is not None else SamplingParams() for i in order],
             [prompts[i] if i is not None else [] for i in order],
-            [outputs[i] if i is not None else [] for i in order],
+            history,
         )
 
     keep = [3, 0, 4]
     kept = batch.filter(torch.tensor(keep))
     expect(kept.penalties, keep)
     expect(SamplingBatch.merge(kept, batch.filter(torch.tensor([1, 2]))).penalties, keep + [1, 2])
+    halves = SamplingBatch.merge(batch.filter(torch.tensor([0, 1])), batch.filter(torch.tensor([3, 2])))
+    expect(halves.penalties, [0, 1, 3, 2])
 
     plain = SamplingBatch.build([SamplingParams(temperature=0.3), GREEDY], [7, 8], [[1, 2], [3]], vocab, "cpu")
-    for merged, order in ((SamplingBatch.merge(plain, kept), [None, None] + keep), (SamplingBatch.merge(kept, plain), keep + [None, None])):
+    for first, second, order in ((plain, kept, [None, None] + keep), (kept, plain, keep + [None, None])):
+        merged = SamplingBatch.merge(first, second)
         assert len(merged) == 5 and merged.penalties.counts.shape == (5, vocab)
         expect(merged.penalties, order)
         # Keep generating: the rows without penalties must stay unpenalised as they gain history.
         gen = torch.Generator().manual_seed(7)
-        generated = torch.stack([sample(torch.randn(5, vocab, generator=gen), merged, steps_of(5, s)).next_ids for s in range(4)], 1)
-        history = [(list(outputs[i]) if i is not None else []) + generated[r].tolist() for r, i in enumerate(order)]
-        rows = [params[i] if i is not None else SamplingParams() for i in order]
-        assert_state_matches(merged.penalties, rows, [prompts[i] if i is not None else [] for i in order], history)
+        steps = [sample(torch.randn(5, vocab, generator=gen), merged, steps_of(5, s)).next_ids for s in range(4)]
+        expect(merged.penalties, order, torch.stack(steps, 1))
 
     # Dropping every penalised row frees the state.
     assert batch.filter(torch.tensor([4])).penalties is None

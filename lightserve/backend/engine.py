@@ -133,7 +133,8 @@ class ModelEngine:
             steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.long, device=dev),
             max_new=torch.tensor([r.sampling.max_new_tokens for r in reqs], dtype=torch.long, device=dev),
             check_eos=torch.tensor([not r.sampling.ignore_eos for r in reqs], dtype=torch.bool, device=dev),
-            sampling=SamplingBatch.build([r.sampling for r in reqs], seeds, inputs, self.cfg.vocab_size, dev),
+            sampling=SamplingBatch.build([r.sampling for r in reqs], seeds, [r.prompt_ids for r in reqs],
+                                         self.cfg.vocab_size, dev, output_ids=[r.output_ids for r in reqs]),
         )
         self.batches[batch_id] = batch
         return logits
