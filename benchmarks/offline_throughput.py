@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from lightserve.backend.engine import ModelEngine
@@ -106,17 +105,16 @@ def decode_breakdown(engine: ModelEngine, prompts: list[list[int]], steps: int) 
     model, batch = engine.model, len(prompts)
     x = torch.randn(batch, engine.cfg.hidden_size, dtype=engine.dtype)
     layer = model.layers[0].w
-    inter = layer.down.shape[1]
-    h = torch.randn(batch, inter, dtype=engine.dtype)
-    o = torch.randn(batch, layer.o_proj.shape[1], dtype=engine.dtype)
+    h = torch.randn(batch, layer.down.in_features, dtype=engine.dtype)
+    o = torch.randn(batch, layer.o_proj.in_features, dtype=engine.dtype)
 
     def matmuls():
         for lw in (l.w for l in model.layers):
-            F.linear(x, lw.qkv, lw.qkv_bias)
-            F.linear(o, lw.o_proj)
-            F.linear(x, lw.gate_up)
-            F.linear(h, lw.down)
-        F.linear(x, model.lm_head)
+            lw.qkv(x)
+            lw.o_proj(o)
+            lw.gate_up(x)
+            lw.down(h)
+        model.lm_head(x)
 
     matmul_s = time_op(matmuls)
     # Attention alone: the same batch at its mid-run context lengths, every layer.

@@ -20,7 +20,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, Union
+from typing import Any, AsyncGenerator, AsyncIterator, TypeVar, Union
 
 from jinja2.exceptions import TemplateError
 from starlette.requests import Request
@@ -45,6 +45,7 @@ from lightserve.utils.embedded_model import EMBEDDED_MODEL_NAME
 logger = logging.getLogger(__name__)
 
 _Format = Union[ChatFormat, CompletionFormat]
+_Body = TypeVar("_Body", CompletionRequest, ChatCompletionRequest)
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -116,7 +117,7 @@ class OpenAIApi:
         if model not in (self.model_name, self.args.model_dir):
             raise model_not_found(model, self.model_name)
 
-    async def _body(self, request: Request, model: type[CompletionRequest] | type[ChatCompletionRequest]):
+    async def _body(self, request: Request, model: type[_Body]) -> _Body:
         if not self.manager.healthy:
             raise unavailable(self.manager.failure or "")
         body = parse_json(model, await read_body(request))
@@ -125,7 +126,7 @@ class OpenAIApi:
         return body
 
     async def _prepare_completion(self, request: Request) -> _Prepared:
-        body: CompletionRequest = await self._body(request, CompletionRequest)
+        body = await self._body(request, CompletionRequest)
         prompts = completion_prompts(body, len(self.manager.tokenizer))
         logprobs = body.logprobs is not None
         choices, prompt_tokens = [], 0
@@ -145,7 +146,7 @@ class OpenAIApi:
         return _Prepared(CompletionFormat(), choices, prompt_tokens, bool(body.stream), body.include_usage, logprobs)
 
     async def _prepare_chat(self, request: Request) -> _Prepared:
-        body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        body = await self._body(request, ChatCompletionRequest)
         conversation = chat_conversation(body.messages)
         check_images(conversation.images, self.args)
         top = chat_top_logprobs(body)

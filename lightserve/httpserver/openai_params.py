@@ -76,7 +76,7 @@ class StreamOptions(BaseModel):
     include_usage: Optional[bool] = None
 
 
-class _CommonRequest(BaseModel):
+class CommonRequest(BaseModel):
     """The fields `/v1/completions` and `/v1/chat/completions` share."""
 
     model_config = _STRICT
@@ -112,7 +112,7 @@ class _CommonRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_CommonRequest):
+class CompletionRequest(CommonRequest):
     # A string, a list of strings, a list of token ids or a list of lists of token ids.
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = None  # number of top alternatives per token
@@ -129,7 +129,7 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
 
 
-class ChatCompletionRequest(_CommonRequest):
+class ChatCompletionRequest(CommonRequest):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
     logprobs: Optional[bool] = None
@@ -139,7 +139,7 @@ class ChatCompletionRequest(_CommonRequest):
 # ---- checks beyond types ---------------------------------------------------------------------
 
 
-def check_common(req: _CommonRequest) -> None:
+def check_common(req: CommonRequest) -> None:
     """Checks of fields that are not sampling parameters, shared by both routes."""
     n = req.choices_per_prompt
     if not 1 <= n <= MAX_CHOICES:
@@ -287,7 +287,7 @@ def derive_seed(seed: int, choice: int) -> int:
 
 
 def openai_sampling(
-    req: _CommonRequest,
+    req: CommonRequest,
     prompt_len: int,
     args: ServerArgs,
     *,

@@ -34,7 +34,7 @@ class RouterManager:
         self.to_http = ctx.socket(zmq.PUSH)  # load figures for /metrics
         self.to_http.connect(paths.http_in)
         self._last_stats_time = 0.0
-        self._published_idle = False
+        self._unpublished = True  # something changed since the last RouterStats
         self.workers = WorkerGroup(paths, ranks_of_node(args))
         self.max_total_token_num = max_total_token_num
         self.queue = ReqQueue(
@@ -53,16 +53,16 @@ class RouterManager:
             outs = self.scheduler.step()
             if outs:
                 self.to_detok.send(serde.dumps(BatchTokenOut(outs)))
+                self._unpublished = True
             self.publish_stats()
 
     def publish_stats(self) -> None:
         """Send RouterStats at most every STATS_INTERVAL_S while busy, and once on going idle
         (so an idle pool reads as free). KV figures come from rank 0's pool itself."""
         now = time.monotonic()
-        idle = not self.scheduler.has_work
-        if idle and self._published_idle:
+        if not self._unpublished:
             return
-        if not idle and now - self._last_stats_time < STATS_INTERVAL_S:
+        if self.scheduler.has_work and now - self._last_stats_time < STATS_INTERVAL_S:
             return
         pool = self.workers.stats()
         stats = RouterStats(
@@ -71,7 +71,8 @@ class RouterManager:
             queue_times=self.scheduler.take_queue_times(),
         )
         self.to_http.send(serde.dumps(stats))
-        self._last_stats_time, self._published_idle = now, idle
+        self._last_stats_time = now
+        self._unpublished = self.scheduler.has_work  # keep reporting while busy
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""
@@ -82,6 +83,7 @@ class RouterManager:
             except zmq.Again:
                 return
             flags = zmq.NOBLOCK
+            self._unpublished = True
             if isinstance(msg, GenerateReq):
                 self.add_request(msg)
             elif isinstance(msg, AbortReq):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.models.config import ModelConfig
+from lightserve.backend.models.linear import Linear
 from lightserve.backend.models.rotary import RotaryTable
 from lightserve.backend.models.torch_ops import TorchOps
 from lightserve.backend.models.weights import CheckpointReader
@@ -36,18 +37,18 @@ class LayerWeights:
         q = reader.get_heads(attn + "q_proj.weight", q_heads, d)
         k = reader.get_heads(attn + "k_proj.weight", kv_heads, d)
         v = reader.get_heads(attn + "v_proj.weight", kv_heads, d)
-        self.qkv = load(torch.cat([q, k, v]))
-        self.qkv_bias: Optional[torch.Tensor] = None
+        qkv_bias: Optional[torch.Tensor] = None
         if attn + "q_proj.bias" in reader:
             qb = reader.get_heads(attn + "q_proj.bias", q_heads, d)
             kb = reader.get_heads(attn + "k_proj.bias", kv_heads, d)
             vb = reader.get_heads(attn + "v_proj.bias", kv_heads, d)
-            self.qkv_bias = load(torch.cat([qb, kb, vb]))
-        self.o_proj = load(reader.get_heads(attn + "o_proj.weight", q_heads, d, dim=1))
+            qkv_bias = load(torch.cat([qb, kb, vb]))
+        self.qkv = Linear(load(torch.cat([q, k, v])), qkv_bias)
+        self.o_proj = Linear(load(reader.get_heads(attn + "o_proj.weight", q_heads, d, dim=1)))
         gate = reader.get_split(mlp + "gate_proj.weight", tp, dim=0)
         up = reader.get_split(mlp + "up_proj.weight", tp, dim=0)
-        self.gate_up = load(torch.cat([gate, up]))
-        self.down = load(reader.get_split(mlp + "down_proj.weight", tp, dim=1))
+        self.gate_up = Linear(load(torch.cat([gate, up])))
+        self.down = Linear(load(reader.get_split(mlp + "down_proj.weight", tp, dim=1)))
         self.input_norm = load(reader.get(prefix + "input_layernorm.weight"))
         self.post_attention_norm = load(reader.get(prefix + "post_attention_layernorm.weight"))
 
@@ -87,7 +88,7 @@ class DecoderLayer:
         return self.ops.rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = F.linear(x, self.w.qkv, self.w.qkv_bias)
+        qkv = self.w.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         n = x.shape[0]
         return q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), v.view(n, self.kv_heads, self.head_dim)
@@ -106,10 +107,10 @@ class DecoderLayer:
         return o.reshape(o.shape[0], self.q_size)
 
     def o_proj(self, o: torch.Tensor) -> torch.Tensor:
-        return F.linear(o, self.w.o_proj)
+        return self.w.o_proj(o)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ops.silu_and_mul(F.linear(x, self.w.gate_up)), self.w.down)
+        return self.w.down(self.ops.silu_and_mul(self.w.gate_up(x)))
 
 
 class CausalLM:
@@ -148,9 +149,8 @@ class CausalLM:
         embed_name = p + "embed_tokens.weight"
         self.embed = reader.get_split(embed_name, self.tp, dim=0).to(self.device, self.dtype).contiguous()
         head_name = self.lm_head_name if (self.lm_head_name in reader and not cfg.tie_word_embeddings) else embed_name
-        self.lm_head = (
-            self.embed if head_name == embed_name else reader.get_split(head_name, self.tp, dim=0).to(self.device, self.dtype).contiguous()
-        )
+        head = self.embed if head_name == embed_name else reader.get_split(head_name, self.tp, dim=0)
+        self.lm_head = Linear(head.to(self.device, self.dtype).contiguous())
         self.final_norm = reader.get(p + "norm.weight").to(self.device, self.dtype)
         self.layers = [
             self.layer_cls(i, self.weights_cls(reader, f"{p}layers.{i}.", cfg, self.tp, self.dtype, self.device),
@@ -171,7 +171,7 @@ class CausalLM:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.ops.rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
-        logits = F.linear(x, self.lm_head).float()
+        logits = self.lm_head(x).float()
         return self.tp.all_gather_last_dim(logits)
 
     # ---- the pass ------------------------------------------------------------------------
