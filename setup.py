@@ -28,8 +28,12 @@ setup(
         "gguf",
         "accelerate",
         "psutil",
+        # The serving benchmark client (python -m lightserve.benchmark).
+        "httpx",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "httpx", "openai", "huggingface_hub"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "openai", "huggingface_hub", "matplotlib"],
+        # PNG plots of the serving benchmark.
+        "bench": ["matplotlib"],
     },
 )

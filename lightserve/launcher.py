@@ -118,7 +118,7 @@ def free_port() -> int:
 
 def _watch_children(children: ChildGroup, stop: threading.Event, on_death: Callable[[str], None]) -> None:
     dead = children.wait_for_death(stop)
-    if dead is not None:
+    if dead is not None and not stop.is_set():  # children stopped by our own shutdown are no crash
         on_death(f"child process {dead.name} died (exit code {dead.process.exitcode})")
 
 

@@ -1,58 +1,37 @@
-"""Start the real server (`python -m lightserve.api_server`) as a subprocess for end-to-end tests."""
+"""The real server (`python -m lightserve.api_server`) as a subprocess, for end-to-end tests.
+
+Built on the benchmark's `LaunchedServer`; adds what tests inspect: the child processes, the
+private run directory, the log and the exit code.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
-import httpx
 import psutil
 
+from lightserve.benchmark.launch import LaunchedServer, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerProcess", "free_port"]
 
 
-class ServerProcess:
-    def __init__(self, model_dir: str | Path, *extra_args: str, start_timeout_s: float = 240.0, env: Optional[dict] = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="lightserve-test-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "lightserve.api_server", "--model_dir", str(model_dir), "--port", str(self.port),
-               "--device", "cpu", *extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                     start_new_session=True)
-        self._wait_healthy(start_timeout_s)
+class ServerProcess(LaunchedServer):
+    """Started (and healthy) on construction; `stop()` or leaving a `with` block stops it."""
+
+    def __init__(self, model_dir: str | Path, *extra_args: str, start_timeout_s: float = 240.0):
+        super().__init__(str(model_dir), None, ["--device", "cpu", *extra_args], start_timeout_s)
+        super().__enter__()
         self.children = psutil.Process(self.proc.pid).children(recursive=True)
 
-    def _wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} during start:\n{self.read_log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"server not healthy after {timeout_s} s:\n{self.read_log()}")
-
     def read_log(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def run_dir(self) -> Optional[str]:
-        """The private run directory of this instance (found through the router's open socket files)."""
+        """The private run directory of this instance (found through the children's socket files)."""
         for child in self.children:
             try:
                 for conn in child.net_connections(kind="unix"):
@@ -77,6 +56,6 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        for child in getattr(self, "children", []):
+        for child in self.children:
             if child.is_running():
                 child.kill()

@@ -44,13 +44,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def kv_pool_size(device: torch.device, mem_fraction: float, bytes_per_token: int) -> int:
-    """KV slots that fit in `mem_fraction` of the memory still free (after the weights loaded)."""
+def kv_pool_size(device: torch.device, mem_fraction: float, bytes_per_token: int, most_useful: int) -> int:
+    """KV slots that fit in `mem_fraction` of the memory still free (after the weights loaded),
+    but no more than `most_useful` (every running request at its longest): more is never used."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
         free = psutil.virtual_memory().available
-    size = int(free * mem_fraction) // bytes_per_token
+    size = min(int(free * mem_fraction) // bytes_per_token, most_useful)
     if size < 1:
         raise RuntimeError(f"no memory left for the KV cache ({free} bytes free, fraction {mem_fraction})")
     logger.info("KV pool sized to %d tokens (%.0f MiB, %.0f%% of %.0f MiB free)",

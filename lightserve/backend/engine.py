@@ -59,7 +59,8 @@ class ModelEngine:
         attention = make_attention(self.attention_backend, split.num_q, kv_heads, self.cfg.head_dim)
         self.model = cls(model_dir, self.cfg, tp, self.dtype, self.device, attention)
         size = args.max_total_token_num or kv_pool_size(
-            self.device, args.mem_fraction, MemoryManager.bytes_per_token(self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers)
+            self.device, args.mem_fraction, MemoryManager.bytes_per_token(self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers),
+            most_useful=args.running_max_req_size * args.max_req_total_len,
         )
         self.mem = MemoryManager(size, self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers, self.device)
         self.kv_cache = list(zip(self.mem.k_buffer, self.mem.v_buffer))
