@@ -74,6 +74,7 @@ class ImageCache:
         self._idle: OrderedDict[int, None] = OrderedDict()
         # Ids are never reused, so a stale id can never name another image's segments.
         self._ids = itertools.count(1)
+        self._closed = False  # after close(), nothing creates segments any more
         self.evictions = 0
         self.images_encoded = 0  # embeddings stored by the visual server
         self.encode_batches = 0  # batches they came in
@@ -84,6 +85,8 @@ class ImageCache:
         or None when the new records do not fit now (every record is referenced, or shared
         memory is exhausted). Raises `NeverFits` if they could not fit even in an empty cache."""
         with self._lock:
+            if self._closed:
+                return None
             sizes: dict[str, tuple[int, int]] = {}
             for md5, nbytes, token_num in items:
                 if nbytes < 1 or token_num < 1:
@@ -96,11 +99,14 @@ class ImageCache:
             if len(sizes) > self.capacity:
                 raise NeverFits(f"{len(sizes)} distinct images in one request; the image cache holds {self.capacity}")
             new_md5s = [md5 for md5 in sizes if md5 not in self._by_md5]
+            hits = {self._by_md5[md5] for md5 in sizes if md5 in self._by_md5}
+            # Records this request asks for are not evictable, even if nobody references them yet.
+            evictable = [rid for rid in self._idle if rid not in hits]
             shortfall = len(self._records) + len(new_md5s) - self.capacity
-            if shortfall > len(self._idle):
+            if shortfall > len(evictable):
                 return None
-            for _ in range(max(0, shortfall)):
-                self._drop(next(iter(self._idle)))
+            for rid in evictable[: max(0, shortfall)]:
+                self._drop(rid)
                 self.evictions += 1
             created: list[Record] = []
             try:
@@ -160,7 +166,7 @@ class ImageCache:
             out = []
             for rid, nbytes in items:
                 rec = self._records.get(rid)
-                if rec is None:
+                if rec is None or self._closed:
                     out.append(False)
                     continue
                 if rec.embed_nbytes and rec.embed_nbytes != nbytes:
@@ -205,6 +211,7 @@ class ImageCache:
     def close(self) -> int:
         """Unlink every segment of this instance (also any a crash left unregistered)."""
         with self._lock:
+            self._closed = True
             self._records.clear()
             self._by_md5.clear()
             self._idle.clear()

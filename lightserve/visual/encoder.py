@@ -27,6 +27,10 @@ from lightserve.backend.models.weights import CheckpointReader
 _TOWER_ANCHOR = "embeddings.patch_embedding.weight"
 _PROJECTOR_ANCHOR = "multi_modal_projector.linear_1.weight"
 
+# Formats accepted from clients. PIL can open many more, some through external programs
+# (EPS runs Ghostscript) or with a history of parser bugs; web images need only these.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
 
 @dataclass(frozen=True)
 class VisionSpec:
@@ -54,7 +58,7 @@ class VisionSpec:
 
 def load_image(data: bytes) -> Image.Image:
     """Decode image bytes fully (lazy PIL decoding would fail later, inside a batch)."""
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     image.load()
     return image
 

@@ -3,9 +3,11 @@
 Loop: take every waiting message (GenerateReq with images, AbortReq); ask the cache manager
 which of the waiting requests' images lack embeddings; encode up to
 `--visual_infer_batch_size` of them in one batch (each record once, however many requests
-share it); store the embeddings in shared memory; forward every request whose images are all
-encoded. A request whose image cannot be read or encoded ends with an error sent to the
-detokenizer (as the router does for refusals); the server keeps serving everyone else.
+share it, in arrival order); store the embeddings in shared memory; forward every request
+whose images are all encoded. A request whose image cannot be read or encoded ends with an
+error sent to the detokenizer (as the router does for refusals); the server keeps serving
+everyone else. Images encoded are counted by the cache manager (`stats()["images_encoded"]`,
+one per stored embedding), which every process of the instance can query.
 
 Aborts: a request still waiting here is dropped. An abort for a request already forwarded is
 relayed to the router over the same socket as the request, so it cannot overtake it (the
@@ -75,27 +77,29 @@ class VisualManager:
                 logger.error("visual: unexpected message %r", type(msg).__name__)
 
     def step(self) -> None:
-        """Forward the requests that are ready, fail the broken ones, encode one batch."""
+        """Fail the broken requests, encode one batch, forward the requests that are ready."""
         ids = list(dict.fromkeys(img.record_id for req in self.pending.values() for img in req.images))
         status = dict(zip(ids, self.cache.status(ids)))
+        ready = {rid for rid, (_, _, embed_ready, _) in status.items() if embed_ready}
         batch: list[int] = []
         for req in list(self.pending.values()):
             states = [status[img.record_id] for img in req.images]
             if not all(exists and data_ready for exists, data_ready, _, _ in states):
                 self.fail(req, "an image of this request is no longer in the image cache")
                 continue
-            missing = [img.record_id for img, (_, _, embed_ready, _) in zip(req.images, states) if not embed_ready]
-            if not missing:
+            for img in req.images:
+                if img.record_id not in ready and img.record_id not in batch and len(batch) < self.batch_size:
+                    batch.append(img.record_id)
+        if batch:
+            ready |= self.encode(batch)
+        for req in list(self.pending.values()):
+            if all(img.record_id in ready for img in req.images):
                 del self.pending[req.req_id]
                 self.to_router.send(serde.dumps(req))
-                continue
-            for rid in missing:
-                if rid not in batch and len(batch) < self.batch_size:
-                    batch.append(rid)
-        if batch:
-            self.encode(batch)
 
-    def encode(self, record_ids: list[int]) -> None:
+    def encode(self, record_ids: list[int]) -> set[int]:
+        """Encode and store these records' images; returns the ids stored. Requests whose image
+        failed are ended here."""
         images, decoded = [], []
         for rid in record_ids:
             try:
@@ -104,14 +108,14 @@ class VisualManager:
             except Exception as exc:  # corrupt bytes must end their requests, not this process
                 self.fail_record(rid, f"cannot decode image: {exc}")
         if not decoded:
-            return
+            return set()
         try:
             embeds = self.encoder.encode(images)
         except Exception as exc:
             logger.exception("visual: encoding a batch of %d images failed", len(decoded))
             for rid in decoded:
                 self.fail_record(rid, f"image encoding failed: {exc}")
-            return
+            return set()
         rows = embeds.cpu().contiguous()
         stored = self.cache.store_embeds([(rid, memoryview(rows[i].numpy()).cast("B")) for i, rid in enumerate(decoded)])
         self.images_encoded += sum(stored)
@@ -119,6 +123,7 @@ class VisualManager:
             if not ok:
                 self.fail_record(rid, "could not store the image embedding (image cache full)")
         logger.debug("visual: encoded %d images (%d in all)", len(decoded), self.images_encoded)
+        return {rid for rid, ok in zip(decoded, stored) if ok}
 
     def fail_record(self, record_id: int, why: str) -> None:
         for req in [r for r in self.pending.values() if any(img.record_id == record_id for img in r.images)]:
