@@ -32,7 +32,7 @@ setup(
         "httpx",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "openai", "huggingface_hub", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "schemathesis", "openai", "huggingface_hub", "matplotlib"],
         # PNG plots of the serving benchmark.
         "bench": ["matplotlib"],
     },

@@ -8,7 +8,8 @@ server's event loop and closes it at shutdown, so the launcher only has to run u
 
 Every failure is answered with JSON: `{"error", "error_type"}` on the TGI routes,
 `{"error": {"message", "type", "param", "code"}}` under `/v1/`. Unexpected exceptions reach the
-client as a plain 500 message, their traceback only the server log.
+client as a plain 500 message, their traceback only the server log. `GET /openapi.json`
+describes every route (see `openapi`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightserve.httpserver.admission import AdmissionMiddleware, InFlightLimit
 from lightserve.httpserver.auth import ApiKeyMiddleware
 from lightserve.httpserver.disconnect import ClientDisconnected
 from lightserve.httpserver.errors import GENERATION, ApiError, unavailable
 from lightserve.httpserver.manager import HttpServerManager
 from lightserve.httpserver.openai_api import OpenAIApi
 from lightserve.httpserver.openai_errors import NOT_FOUND, is_openai_path, openai_error_body, openai_status
+from lightserve.httpserver.openapi import openapi_document
 from lightserve.httpserver.tgi_api import TGIApi
 from lightserve.server_args import ServerArgs
 
@@ -42,6 +45,7 @@ _CLIENT_CLOSED = 499
 def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
     tgi = TGIApi(manager, args)
     openai = OpenAIApi(manager, args)
+    spec = openapi_document(args, openai.model_name, len(manager.tokenizer))
 
     async def health(request: Request) -> Response:
         if not manager.healthy:
@@ -50,6 +54,9 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         return Response(manager.metrics.render(), media_type=manager.metrics.content_type)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(spec)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -62,10 +69,14 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
     middleware = []
     if args.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=args.api_key, open_paths=OPEN_PATHS))
+    # Inside the key check: a request without the key never takes room.
+    in_flight = InFlightLimit(args.running_max_req_size + args.max_waiting_reqs)
+    middleware.append(Middleware(AdmissionMiddleware, limit=in_flight))
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             *tgi.routes(),
             *openai.routes(),
         ],
@@ -94,7 +105,7 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     if 400 <= exc.status_code < 500:
         # Refused before submission; requests that were submitted are counted when they end.
         request.app.state.metrics.request_rejected()
-    return _error_response(request, exc)
+    return _error_response(request, exc, exc.headers)
 
 
 async def _client_disconnected(request: Request, exc: Exception) -> Response:

@@ -181,7 +181,8 @@ class HttpServerManager:
             if self._failure is not None:
                 return
             self._failure = reason
-        logger.error("httpserver: failing all requests: %s", reason)
+        # The caller (the launcher's supervisor) logs the reason: one line per failure.
+        logger.debug("httpserver: failing all requests: %s", reason)
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # not started (or already stopped): no request can be running

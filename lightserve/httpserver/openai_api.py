@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightserve.httpserver.admission import admission_of
 from lightserve.httpserver.disconnect import cancel_and_wait, run_unless_disconnected
 from lightserve.httpserver.errors import GENERATION, ApiError, generation_error, unavailable, validation_error
 from lightserve.httpserver.manager import HttpServerManager, ServerUnavailable, failure_of
@@ -120,7 +121,7 @@ class OpenAIApi:
     async def _body(self, request: Request, model: type[_Body]) -> _Body:
         if not self.manager.healthy:
             raise unavailable(self.manager.failure or "")
-        body = parse_json(model, await read_body(request))
+        body = parse_json(model, await read_body(request, self.args.max_body_bytes))
         self._check_model(body.model)
         check_common(body)
         return body
@@ -128,6 +129,7 @@ class OpenAIApi:
     async def _prepare_completion(self, request: Request) -> _Prepared:
         body = await self._body(request, CompletionRequest)
         prompts = completion_prompts(body, len(self.manager.tokenizer))
+        admission_of(request).grow_to(len(prompts) * body.choices_per_prompt)
         logprobs = body.logprobs is not None
         choices, prompt_tokens = [], 0
         for p, prompt in enumerate(prompts):
@@ -147,6 +149,7 @@ class OpenAIApi:
 
     async def _prepare_chat(self, request: Request) -> _Prepared:
         body = await self._body(request, ChatCompletionRequest)
+        admission_of(request).grow_to(body.choices_per_prompt)
         conversation = chat_conversation(body.messages)
         check_images(conversation.images, self.args)
         top = chat_top_logprobs(body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lightserve.httpserver.errors import AUTHENTICATION, GENERATION, UNAVAILABLE, VALIDATION, ApiError
+from lightserve.httpserver.errors import AUTHENTICATION, GENERATION, OVERLOADED, UNAVAILABLE, VALIDATION, ApiError
 
 OPENAI_PREFIX = "/v1/"
 
@@ -23,6 +23,7 @@ _TYPES = {
     NOT_FOUND: "invalid_request_error",
     GENERATION: "server_error",
     UNAVAILABLE: "server_error",
+    OVERLOADED: "server_error",  # what OpenAI answers with its 429 "model is currently overloaded"
 }
 
 

@@ -28,7 +28,7 @@ MAX_CHOICES = 64
 MAX_TOP_LOGPROBS = 20  # the backend returns at most this many alternatives per token
 
 # OpenAI fields this server does not implement, with the values that mean "not used".
-_UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
+UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
@@ -62,12 +62,17 @@ def _check_field_names(model: type[BaseModel], data: Any) -> Any:
     for name, value in data.items():
         if name in model.model_fields:
             continue
-        if name in _UNSUPPORTED_NEUTRAL:
-            if value not in _UNSUPPORTED_NEUTRAL[name]:
+        if name in UNSUPPORTED_NEUTRAL:
+            if not _is_neutral(value, UNSUPPORTED_NEUTRAL[name]):
                 raise validation_error(f"`{name}` is not supported by this server", name)
         else:
             raise validation_error(f"`{name}` is not a recognized request field", name)
     return data
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    # JSON tells `false` from `0` and `true` from `1`; Python's `==` (and so `in`) does not.
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
 class StreamOptions(BaseModel):
@@ -196,7 +201,7 @@ def chat_max_tokens(req: ChatCompletionRequest) -> tuple[Optional[int], str]:
 # ---- chat messages ---------------------------------------------------------------------------
 
 # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass
@@ -227,12 +232,12 @@ def chat_conversation(messages: list[ChatMessage]) -> Conversation:
     out: list[dict[str, str]] = []
     images: list[ImageRef] = []
     for i, msg in enumerate(messages):
-        if msg.role not in _ROLES:
+        if msg.role not in ROLES:
             raise validation_error(
-                f"`messages[{i}].role`: `{msg.role}` is not supported (use one of {', '.join(_ROLES)})",
+                f"`messages[{i}].role`: `{msg.role}` is not supported (use one of {', '.join(ROLES)})",
                 f"messages[{i}].role")
         text = msg.content if isinstance(msg.content, str) else _join_parts(msg.content, i, images)
-        entry = {"role": _ROLES[msg.role], "content": text}
+        entry = {"role": ROLES[msg.role], "content": text}
         if msg.name is not None:
             entry["name"] = msg.name
         out.append(entry)

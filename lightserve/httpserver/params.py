@@ -1,9 +1,10 @@
 """Request parsing and validation shared by every API flavour (TGI now, OpenAI later).
 
-Everything a client sends is checked here before a request id is spent: the body size, the JSON
-syntax and types (pydantic v2 in strict mode, so `"10"` is not an integer and `true` is not 1),
-the stop strings, and the token budget of the request. Failures become `ApiError`s whose
-message names the offending field; nothing here ever lets a stack trace reach the client.
+Everything a client sends is checked here before a request id is spent: the body size and
+declared media type, the JSON syntax and types (pydantic v2 in strict mode, so `"10"` is not an
+integer and `true` is not 1), the stop strings, and the token budget of the request. Failures
+become `ApiError`s whose message names the offending field; nothing here ever lets a stack trace
+reach the client.
 """
 
 from __future__ import annotations
@@ -12,20 +13,22 @@ import secrets
 from typing import Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from lightserve.httpserver.errors import body_too_large, validation_error
+from lightserve.httpserver.disconnect import ClientDisconnected
+from lightserve.httpserver.errors import body_too_large, unsupported_media_type, validation_error
 from lightserve.io_struct import SamplingParams
 from lightserve.server_args import ServerArgs
-
-# Largest request body accepted, in bytes. Text prompts fit comfortably; requests with images
-# (base64 in the body) will need a larger limit when multimodal input arrives.
-MAX_BODY_BYTES = 1 << 20
 
 # Stop strings are matched by the detokenizer on every token, and text that could still become
 # one is held back from streams: both costs grow with the number and length of stop strings.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256  # characters
+
+# The sampler divides positive logits by the repetition penalty in float32: a tiny penalty
+# (1e-40, or 5e-324 which float32 rounds to 0) overflows them to inf and poisons the whole batch.
+# Below 0.01 a penalty means nothing useful anyway.
+MIN_REPETITION_PENALTY = 0.01
 
 # Pydantic reports every problem; a client only needs the first few to fix its request.
 _MAX_REPORTED_ERRORS = 3
@@ -33,22 +36,38 @@ _MAX_REPORTED_ERRORS = 3
 Model = TypeVar("Model", bound=BaseModel)
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refusing (413) more than `limit` bytes.
+def _is_json_media_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes and (415) non-JSON media types.
+
+    A body declared as anything but JSON is refused; one with no Content-Type is read as JSON.
+    Besides telling a client at once that it sent a form or plain text, this stops HTML forms and
+    other "simple" cross-site browser requests (text/plain, form encodings: no CORS preflight)
+    from driving a server on localhost.
 
     The declared Content-Length is checked first so an honest oversized upload is refused before
     it is read; the running count catches chunked bodies and lying headers.
     """
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json_media_type(content_type):
+        raise unsupported_media_type()
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise body_too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise body_too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before the whole body came: nobody to answer, nothing to log
+        raise ClientDisconnected() from None
     return b"".join(chunks)
 
 
@@ -94,6 +113,15 @@ def check_prompt_length(prompt_len: int, field: str) -> None:
         raise validation_error(f"`{field}` must not be empty", field)
 
 
+def token_limit(args: ServerArgs) -> int:
+    """The most prompt + generated tokens one request may have.
+
+    A request must fit in its token-table row and, alone, in the KV pool (the launcher fills
+    `max_total_token_num` with the pool size the backend reported).
+    """
+    return min(args.max_req_total_len, args.max_total_token_num or args.max_req_total_len)
+
+
 def resolve_max_new_tokens(
     requested: Optional[int], prompt_len: int, args: ServerArgs, field: str, prompt_field: str = "inputs"
 ) -> int:
@@ -103,9 +131,7 @@ def resolve_max_new_tokens(
     something the server will not do). Without one, the default is shortened to what fits, so a
     long prompt still gets an answer instead of an error about a parameter it never sent.
     """
-    # A request must fit in its token-table row and, alone, in the KV pool (the launcher fills
-    # `max_total_token_num` with the pool size the backend reported).
-    limit = min(args.max_req_total_len, args.max_total_token_num or args.max_req_total_len)
+    limit = token_limit(args)
     if prompt_len >= limit:
         raise validation_error(
             f"`{prompt_field}`: the prompt must have fewer than {limit} tokens (max_req_total_len / KV capacity), "
@@ -137,6 +163,8 @@ def finalize_sampling(sampling: SamplingParams) -> SamplingParams:
         # The message starts with the field name in backticks: "`top_p` must be in (0, 1]".
         param = message.split("`")[1] if message.startswith("`") else None
         raise validation_error(message, param) from None
+    if sampling.repetition_penalty < MIN_REPETITION_PENALTY:
+        raise validation_error(f"`repetition_penalty` must be at least {MIN_REPETITION_PENALTY}", "repetition_penalty")
     if not sampling.is_greedy and sampling.seed is None:
         sampling.seed = secrets.randbits(63)
     return sampling

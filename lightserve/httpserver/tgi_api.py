@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lightserve.httpserver.admission import admission_of
 from lightserve.httpserver.disconnect import run_unless_disconnected
 from lightserve.httpserver.errors import GENERATION, ApiError, generation_error, unavailable
 from lightserve.httpserver.manager import HttpServerManager, RequestStream, ServerUnavailable, failure_of
@@ -93,7 +94,8 @@ class TGIApi:
     async def _prepare(self, request: Request) -> _Prepared:
         if not self.manager.healthy:
             raise unavailable(self.manager.failure or "")
-        body = parse_tgi_request(await read_body(request), self.args)
+        body = parse_tgi_request(await read_body(request, self.args.max_body_bytes), self.args)
+        admission_of(request).grow_to(1)
         prompt_ids = truncate_prompt(await self.manager.tokenize(body.inputs), body.parameters.truncate)
         sampling = tgi_sampling_params(body.parameters, len(prompt_ids), self.args)
         return _Prepared(body, prompt_ids, sampling)

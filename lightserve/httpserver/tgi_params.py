@@ -17,12 +17,12 @@ from lightserve.server_args import ServerArgs
 
 # Fields with two accepted spellings (TGI's and an older or LightLLM one); giving both is refused
 # rather than silently preferring one.
-_ALIASES = (("stop", "stop_sequences"), ("details", "return_details"))
+ALIASES = (("stop", "stop_sequences"), ("details", "return_details"))
 
 # TGI parameters this server does not implement, with the values that mean "off". Clients such
 # as huggingface_hub send every field, so these are accepted at their neutral values and refused
 # (422) otherwise instead of being silently ignored.
-_UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
+UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "typical_p": (None, 1.0),
     "watermark": (None, False),
@@ -65,7 +65,7 @@ class TGIParameters(BaseModel):
     @classmethod
     def _one_spelling(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name, alias in _ALIASES:
+            for name, alias in ALIASES:
                 if name in data and alias in data:
                     raise ValueError(f"give only one of `{name}` and `{alias}`")
         return data
@@ -110,7 +110,7 @@ def parse_tgi_request(body: bytes, args: ServerArgs) -> TGIRequest:
     if not req.inputs:
         raise validation_error("`inputs` must not be empty", "inputs")
     p = req.parameters
-    for name, neutral in _UNSUPPORTED_NEUTRAL.items():
+    for name, neutral in UNSUPPORTED_NEUTRAL.items():
         if getattr(p, name) not in neutral:
             raise validation_error(f"`parameters.{name}` is not supported by this server", f"parameters.{name}")
     if p.truncate is not None and p.truncate < 1:

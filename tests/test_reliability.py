@@ -1,0 +1,327 @@
+"""The server under load, under abandoned streams, losing a child process, and stopped by a signal.
+
+- 500 requests from 100 concurrent clients whose KV demand is 10x the pool, with a small waiting
+  queue: every request completes or gets 429 (never a 5xx), KV use never passes the pool, the
+  router never holds more than running + waiting, and the pool is full again at the end.
+- 100 streams cut at random points: their KV is free within a second of the last one leaving.
+- A child (backend rank, router, detokenization) killed with SIGKILL: the request in flight ends
+  with an error event, /health answers 503, the server exits within 10 s with one log line
+  naming the child and its exit code, and leaves no process, socket file or shared memory.
+- SIGTERM with requests in flight: each one completes or ends with an error, then a clean exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+from transformers import AutoTokenizer
+
+from lightserve.cache_manager import shm
+from lightserve.httpserver.app import build_app
+from lightserve.httpserver.manager import HttpServerManager
+from lightserve.server_args import ServerArgs
+from lightserve.utils.run_paths import RunPaths
+from tests.server_harness import ServerProcess
+from tests.test_server_e2e import metric, wait_pool_free
+
+POOL = 2000
+RUNNING, WAITING = 64, 8
+LOAD_FLAGS = ("--data_type", "float32", "--max_total_token_num", str(POOL), "--max_req_total_len", "256",
+              "--running_max_req_size", str(RUNNING), "--max_waiting_reqs", str(WAITING), "--log_level", "warning")
+
+
+@pytest.fixture(scope="module")
+def load_server(tiny_served_model):
+    with ServerProcess(tiny_served_model, *LOAD_FLAGS) as server:
+        yield server
+
+
+def shm_of(run_dir: str) -> list[str]:
+    """The shared-memory segments of the instance with this run directory (other instances on the
+    host, e.g. other test runs, have their own)."""
+    return list(shm.list_segments(shm.segment_prefix(run_dir)))
+
+
+# ---- load ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    completed: int = 0
+    overloaded: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    peak_kv: float = 0.0
+    peak_router_reqs: float = 0.0
+
+
+async def _client(client: httpx.AsyncClient, model: str, prompts: list[str], new_tokens: int, openai: bool,
+                  result: LoadResult) -> None:
+    for prompt in prompts:
+        if openai:
+            r = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": new_tokens,
+                                                           "ignore_eos": True})
+        else:
+            r = await client.post("/generate", json={"inputs": prompt, "parameters": {
+                "max_new_tokens": new_tokens, "ignore_eos": True, "details": True}})
+        body = r.json()
+        if r.status_code == 200:
+            got = body["usage"]["completion_tokens"] if openai else body["details"]["generated_tokens"]
+            if got == new_tokens:
+                result.completed += 1
+                continue
+        elif r.status_code == 429 and (body["error"]["type"] == "server_error" if openai
+                                       else body["error_type"] == "overloaded"):
+            result.overloaded += 1
+            continue
+        result.unexpected.append(f"{r.status_code} {r.text[:200]}")
+
+
+async def _watch_metrics(url: str, result: LoadResult, stop: asyncio.Event) -> None:
+    """Peaks of the router's gauges; one scrape's gauges come from one RouterStats, so they agree."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        while not stop.is_set():
+            samples = {}
+            for family in text_string_to_metric_families((await client.get("/metrics")).text):
+                for sample in family.samples:
+                    samples[sample.name] = sample.value
+            result.peak_kv = max(result.peak_kv, samples["lightserve_kv_slots_used"])
+            result.peak_router_reqs = max(result.peak_router_reqs, samples["lightserve_running_requests"]
+                                          + samples["lightserve_waiting_requests"])
+            await asyncio.sleep(0.02)
+
+
+def test_500_requests_at_10x_the_pool_complete_or_get_429(load_server, tiny_served_model) -> None:
+    url = load_server.url
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_served_model)
+    rng = random.Random(11)
+    words = "alpha beta gamma delta river stone cloud seven orange quiet".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) for _ in range(500)]
+    new_tokens = 30
+    demand = sum(len(tokenizer.encode(p)) + new_tokens for p in prompts)
+    assert demand >= 10 * POOL
+
+    async def run() -> LoadResult:
+        result, stop = LoadResult(), asyncio.Event()
+        watcher = asyncio.create_task(_watch_metrics(url, result, stop))
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            await asyncio.wait_for(asyncio.gather(*(
+                _client(client, model, prompts[c::100], new_tokens, openai=c % 4 == 3, result=result)
+                for c in range(100))), 180)
+        stop.set()
+        await watcher
+        return result
+
+    result = asyncio.run(run())
+    assert not result.unexpected, result.unexpected[:5]
+    assert result.completed + result.overloaded == 500
+    assert result.overloaded > 0 and result.completed > RUNNING + WAITING
+    total = metric(url, "lightserve_kv_slots_total")
+    assert 0 < result.peak_kv <= total == POOL
+    assert result.peak_router_reqs <= RUNNING + WAITING
+    wait_pool_free(url)
+
+
+# ---- abandoned streams -----------------------------------------------------------------------
+
+
+async def _cut_stream(client: httpx.AsyncClient, model: str, cut_after: int, openai: bool) -> None:
+    """Read `cut_after` events of a long stream, then leave (closing the connection)."""
+    if openai:
+        request = client.stream("POST", "/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 200,
+            "ignore_eos": True, "stream": True})
+    else:
+        request = client.stream("POST", "/generate_stream", json={
+            "inputs": "Tell me a story", "parameters": {"max_new_tokens": 200, "ignore_eos": True}})
+    async with request as r:
+        assert r.status_code == 200
+        events = 0
+        async for line in r.aiter_lines():
+            if events >= cut_after:
+                return
+            events += line.startswith("data:")
+
+
+def test_100_streams_cut_at_random_points_free_their_kv_within_a_second(load_server) -> None:
+    url = load_server.url
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    rng = random.Random(5)
+    cuts = [rng.randint(0, 60) for _ in range(100)]
+
+    async def run() -> None:
+        gate = asyncio.Semaphore(50)  # below the in-flight bound: every stream is admitted
+
+        async def one(i: int) -> None:
+            async with gate:
+                # A fresh connection per stream: leaving closes it, as a real client's exit does.
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    await _cut_stream(client, model, cuts[i], openai=i % 2 == 1)
+
+        await asyncio.gather(*(one(i) for i in range(100)))
+
+    asyncio.run(run())
+    # Idle from here on: every stream has left.
+    wait_pool_free(url, timeout_s=1.0)
+
+
+# ---- a child dies ----------------------------------------------------------------------------
+
+
+def test_fail_all_turns_health_503_and_ends_running_streams_with_an_error(tiny_served_model) -> None:
+    """The supervisor's call, from its own thread, on the app itself (no children needed)."""
+    args = ServerArgs(model_dir=str(tiny_served_model), max_total_token_num=1000, max_req_total_len=256)
+    paths = RunPaths.create()
+    manager = HttpServerManager(args, paths, AutoTokenizer.from_pretrained(tiny_served_model))
+    reason = "child process router died (exit code -9)"
+    try:
+        with TestClient(build_app(manager, args)) as client:
+            assert client.get("/health").status_code == 200
+            # No router runs: the request waits in flight until the failure ends it.
+            def supervisor() -> None:  # fails the server once the request is in flight
+                deadline = time.monotonic() + 30
+                while manager.running_requests == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                manager.fail_all(reason)
+
+            threading.Thread(target=supervisor, daemon=True).start()
+            with client.stream("POST", "/generate_stream", json={"inputs": "Hello"}) as r:
+                events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+            assert events == [{"error": reason, "error_type": "generation"}]
+            health = client.get("/health")
+            assert health.status_code == 503 and reason in health.json()["error"]
+            assert client.post("/generate", json={"inputs": "Hello"}).status_code == 503
+            r = client.post("/v1/completions", json={"model": Path(tiny_served_model).name, "prompt": "Hello"})
+            assert r.status_code == 503 and reason in r.json()["error"]["message"]
+    finally:
+        paths.remove()
+
+
+def _child_owning(server: ServerProcess, socket_name: str) -> psutil.Process:
+    """The child process that bound `socket_name` in the run directory."""
+    return next(c for c in server.children
+                if any(conn.laddr.endswith(socket_name) for conn in c.net_connections(kind="unix") if conn.laddr))
+
+
+@pytest.mark.parametrize("child,socket_name", [
+    ("backend-rank0", "worker0.rpyc"), ("router", "router.sock"), ("detokenization", "detok.sock"),
+])
+def test_a_killed_child_fails_requests_and_stops_the_server_cleanly(tiny_served_model, child: str,
+                                                                   socket_name: str) -> None:
+    server = ServerProcess(tiny_served_model, "--data_type", "float32", "--max_total_token_num", "4000",
+                           "--log_level", "warning")
+    try:
+        run_dir = server.run_dir()
+        victim = _child_owning(server, socket_name)
+        events, killed_at, health = [], None, []
+        with httpx.stream("POST", server.url + "/generate_stream", timeout=30, json={
+                "inputs": "Hello", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                events.append(json.loads(line[5:]))
+                if len(events) == 3:
+                    victim.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+        # The stream ended with an error event, and from then on /health says 503 (until it closes).
+        assert "error" in events[-1] and f"{child} died" in events[-1]["error"], events[-1]
+        assert all("token" in e for e in events[:-1])
+        for _ in range(3):
+            try:
+                health.append(httpx.get(server.url + "/health", timeout=2).status_code)
+            except httpx.TransportError:
+                break
+        assert set(health) <= {503}
+        assert server.proc.wait(10) == 1
+        assert time.monotonic() - killed_at < 10
+        _, alive = psutil.wait_procs(server.children, timeout=5)
+        assert not alive
+        assert not os.path.exists(run_dir)
+        assert shm_of(run_dir) == []
+        log = server.read_log()
+        assert log.count("child process") == 1 and f"child process {child} died" in log, log[-2000:]
+        if f"child process {child} died (exit code None)" in log:
+            pytest.xfail("the launcher reads the exit code before the process is reaped (see report)")
+        assert f"child process {child} died (exit code -9)" in log
+    finally:
+        server.stop()
+
+
+# ---- stopped by a signal ---------------------------------------------------------------------
+
+
+def _ends_cleanly(kind: str, outcome: object) -> bool:
+    """A request a stopping server had in flight completed or ended with an error it was told about."""
+    if kind == "plain":
+        status, body = outcome
+        return status == 200 or (status >= 500 and set(body) == {"error", "error_type"})
+    events = outcome
+    return bool(events) and ("error" in events[-1] or events[-1].get("details") is not None)
+
+
+@pytest.mark.xfail(strict=True, reason="uvicorn cancels requests still running 5 s into its graceful shutdown: "
+                                       "streams are cut without an error event and plain requests get a text/plain "
+                                       "500. Needs the launcher to fail in-flight requests before that (see report).")
+def test_sigterm_with_requests_in_flight_ends_each_one_then_exits_cleanly(tiny_served_model) -> None:
+    server = ServerProcess(tiny_served_model, "--data_type", "float32", "--max_total_token_num", "20000",
+                           "--max_req_total_len", "4096", "--log_level", "warning")
+    long = {"inputs": "Hello", "parameters": {"max_new_tokens": 4000, "ignore_eos": True}}
+    outcomes: list[tuple[str, object]] = []
+
+    async def plain(client: httpx.AsyncClient) -> None:
+        try:
+            r = await client.post("/generate", json=long)
+            outcomes.append(("plain", (r.status_code, r.json())))
+        except (httpx.TransportError, json.JSONDecodeError) as exc:
+            outcomes.append(("plain", (0, repr(exc))))
+
+    async def stream(client: httpx.AsyncClient, started: asyncio.Event) -> None:
+        events: list[dict] = []
+        try:
+            async with client.stream("POST", "/generate_stream", json=long) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data:"):
+                        events.append(json.loads(line[5:]))
+                        started.set()
+        except httpx.TransportError:
+            pass  # cut: the events so far do not end cleanly
+        outcomes.append(("stream", events))
+
+    async def run() -> float:
+        started = asyncio.Event()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            tasks = [asyncio.create_task(stream(client, started)) for _ in range(2)]
+            tasks.append(asyncio.create_task(plain(client)))
+            await asyncio.wait_for(started.wait(), 30)
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.gather(*tasks)
+            return signalled
+
+    try:
+        run_dir = server.run_dir()
+        signalled = asyncio.run(run())
+        assert server.proc.wait(15) == 0
+        assert time.monotonic() - signalled < 15
+        assert all(_ends_cleanly(kind, outcome) for kind, outcome in outcomes), outcomes
+        assert "Traceback" not in server.read_log()
+        _, alive = psutil.wait_procs(server.children, timeout=5)
+        assert not alive
+        assert not os.path.exists(run_dir)
+        assert shm_of(run_dir) == []
+    finally:
+        server.stop()
