@@ -8,6 +8,7 @@ fails the requests in flight and shuts the server down.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -34,6 +35,7 @@ from lightserve.utils.run_paths import RunPaths
 logger = logging.getLogger("lightserve")
 
 START_TIMEOUT_S = 600.0
+GRACEFUL_SHUTDOWN_S = 5.0  # requests in flight at SIGTERM get this long to finish
 
 
 class ChildStartError(RuntimeError):
@@ -118,8 +120,35 @@ def free_port() -> int:
 
 def _watch_children(children: ChildGroup, stop: threading.Event, on_death: Callable[[str], None]) -> None:
     dead = children.wait_for_death(stop)
-    if dead is not None and not stop.is_set():  # children stopped by our own shutdown are no crash
-        on_death(f"child process {dead.name} died (exit code {dead.process.exitcode})")
+    if dead is None or stop.is_set():  # children stopped by our own shutdown are no crash
+        return
+    # A sentinel fires before the process is reaped: join to read the real exit code. Peers of
+    # the dead child may follow it within moments (a rank losing its collective partner);
+    # the report names the one that failed with a non-zero code first, not a bystander.
+    dead.process.join(1.0)
+    if not dead.process.exitcode:
+        crashed = [c for c in children.children if c.process.exitcode]
+        dead = crashed[0] if crashed else dead
+    on_death(f"child process {dead.name} died (exit code {dead.process.exitcode})")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn cancels handlers still running when its graceful-shutdown timeout ends, cutting
+    streams without a final event. Shortly before that, end every request in flight with an
+    error event (or error body) of our own, so that each client learns why it stopped."""
+
+    def __init__(self, config: uvicorn.Config, manager: HttpServerManager, fail_after_s: float):
+        super().__init__(config)
+        self.manager = manager
+        self.fail_after_s = fail_after_s
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.fail_after_s, self.manager.fail_all, "server is shutting down")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 def _serve_ranks_only(args: ServerArgs, children: ChildGroup, ranks: list) -> int:
@@ -164,8 +193,9 @@ def launch(args: ServerArgs) -> int:
         args = dataclasses.replace(args, max_total_token_num=backend_info["max_total_token_num"])
         manager = HttpServerManager(args, paths, tokenizer)
         app = build_app(manager, args)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        server = _Server(config, manager, fail_after_s=GRACEFUL_SHUTDOWN_S - 1.0)
         exit_code = 0
 
         def on_child_death(reason: str) -> None:
