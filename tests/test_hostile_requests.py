@@ -26,11 +26,14 @@ from rpyc.utils.server import ThreadedServer
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.worker import RPYC_CONFIG, ModelWorkerService, RankRunner
+from lightserve.cache_manager.manager import start_cache_manager_process
 from lightserve.httpserver.admission import Admission, InFlightLimit
 from lightserve.httpserver.errors import ApiError
 from lightserve.io_struct import BackendCall
+from lightserve.launcher import ChildGroup
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
+from lightserve.utils.run_paths import RunPaths
 from tests.server_harness import ServerProcess
 from tests.test_server_e2e import metric, wait_pool_free
 
@@ -158,6 +161,20 @@ CASES = [
     # these took the whole server down.
     tgi_case("repetition-penalty-5e-324", tgi(repetition_penalty=5e-324)),
     tgi_case("repetition-penalty-1e-40", tgi(repetition_penalty=1e-40)),
+    tgi_case("repetition-penalty-below-0.01", tgi(repetition_penalty=0.009)),
+    tgi_case("repetition-penalty-above-10", tgi(repetition_penalty=10.5)),
+    tgi_case("temperature-above-100", tgi(temperature=100.5)),
+    tgi_case("top-p-NaN", tgi_raw(b'{"top_p": NaN}')),
+    tgi_case("presence-penalty-2.5", tgi(presence_penalty=2.5)),
+    tgi_case("presence-penalty-NaN", tgi_raw(b'{"presence_penalty": NaN}')),
+    tgi_case("frequency-penalty--3", tgi(frequency_penalty=-3)),
+    tgi_case("frequency-penalty-1e400", tgi_raw(b'{"frequency_penalty": 1e400}')),
+    # Extreme but valid: float32 rounds the temperature to 0 (greedy); a top-k wider than the
+    # vocabulary cuts nothing; the bounds themselves sample normally.
+    tgi_case("temperature-5e-324", tgi(temperature=5e-324), 200),
+    tgi_case("top-k-10^30", tgi(top_k=10**30), 200),
+    tgi_case("sampling-at-the-bounds", tgi(temperature=100, top_p=1e-30, repetition_penalty=0.01,
+                                           presence_penalty=-2, frequency_penalty=2, seed=2**63 - 1), 200),
     tgi_case("seed-negative", tgi(seed=-1, do_sample=True)),
     tgi_case("seed-2^64", tgi(seed=2**64, do_sample=True)),
     tgi_case("truncate-zero", tgi(truncate=0)),
@@ -207,10 +224,19 @@ CASES = [
     chat_case("chat-stream-options-without-stream", chat(stream_options={"include_usage": True})),
     chat_case("chat-image-bad-base64", chat(messages=[image_part("data:image/png;base64,!!!notbase64")])),
     chat_case("chat-temperature-NaN", with_raw(chat(), b'"temperature": NaN')),
+    chat_case("chat-presence-penalty-3", chat(presence_penalty=3)),
+    chat_case("chat-frequency-penalty-1e400", with_raw(chat(), b'"frequency_penalty": 1e400')),
+    chat_case("chat-top-p-zero", chat(top_p=0)),
+    chat_case("chat-repetition-penalty-1e-30", chat(repetition_penalty=1e-30)),
+    chat_case("chat-sampling-at-the-bounds", chat(temperature=100, top_k=10**30, repetition_penalty=10,
+                                                  presence_penalty=2, frequency_penalty=-2), 200),
     chat_case("chat-deep-user-field", with_raw(chat(), b'"user": ' + deep(5_000))),
     chat_case("chat-lone-surrogate", with_raw(chat(), b'"user": "\\ud800"')),
     chat_case("chat-emoji-rtl", chat(messages=[{"role": "user", "content": "\u202e\U0001F600\u0000"}]), 200),
     # -- OpenAI completions
+    completion_case("completion-repetition-penalty-5e-324", completion(repetition_penalty=5e-324)),
+    completion_case("completion-temperature-101", completion(temperature=101)),
+    completion_case("completion-top-k-negative", completion(top_k=-5)),
     completion_case("completion-token-id-over-vocab", completion(prompt=[10**9])),
     completion_case("completion-token-id-negative", completion(prompt=[-1])),
     completion_case("completion-prompt-empty-list", completion(prompt=[])),
@@ -454,3 +480,30 @@ def _connect_when_listening(path: str, timeout_s: float = 10.0) -> rpyc.Connecti
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def test_cache_manager_service_exposes_only_its_methods(tmp_path) -> None:
+    """The cache manager's rpyc socket, reached as any local client of the run directory could:
+    its methods answer, and nothing behind them (the cache, its records, modules, the
+    connection, classic-mode helpers) is reachable."""
+    paths = RunPaths(str(tmp_path))
+    children = ChildGroup()
+    children.start([("cache_manager", start_cache_manager_process, (ServerArgs(log_level="warning"), paths))])
+    conn = _connect_when_listening(paths.cache_socket)
+    try:
+        assert json.loads(conn.root.stats())["records"] == 0  # the exposed methods work
+        for reach in (lambda: conn.root.cache, lambda: conn.root.cache.records, lambda: conn.root._conn,
+                      lambda: conn.root.exposed_stats.__globals__, lambda: conn.root.stats.__func__,
+                      lambda: conn.root.stats.__self__, lambda: conn.root.getmodule("os"),
+                      lambda: conn.root.eval("1 + 1"), lambda: conn.root.execute("import os"),
+                      lambda: conn.root.__dict__):
+            with pytest.raises(AttributeError):
+                reach()
+        # rpyc's classic (SlaveService) helpers are not there either.
+        with pytest.raises(AttributeError):
+            conn.modules.os
+        with pytest.raises(AttributeError):
+            conn.builtins.open
+    finally:
+        conn.close()
+        children.stop_all()

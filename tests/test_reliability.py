@@ -8,31 +8,42 @@
   with an error event, /health answers 503, the server exits within 10 s with one log line
   naming the child and its exit code, and leaves no process, socket file or shared memory.
 - SIGTERM with requests in flight: each one completes or ends with an error, then a clean exit.
+- A backend call that raises (prefill or decode; a router driving a real engine over rpyc, and a
+  request handed straight to the running server's router): the requests of that batch fail with
+  an error and one log line, their KV is freed, every other request and the server go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from rpyc.utils.server import ThreadedServer
 from starlette.testclient import TestClient
 from transformers import AutoTokenizer
 
+from lightserve.backend.engine import ModelEngine
+from lightserve.backend.worker import RPYC_CONFIG, ModelWorkerService, RankRunner
 from lightserve.cache_manager import shm
 from lightserve.httpserver.app import build_app
 from lightserve.httpserver.manager import HttpServerManager
+from lightserve.io_struct import BatchTokenOut, GenerateReq, SamplingParams, TokenOut
+from lightserve.router.manager import BATCH_FAILED, RouterManager
 from lightserve.server_args import ServerArgs
+from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
 from tests.server_harness import ServerProcess
 from tests.test_server_e2e import metric, wait_pool_free
@@ -320,3 +331,132 @@ def test_sigterm_with_requests_in_flight_ends_each_one_then_exits_cleanly(tiny_s
         assert shm_of(run_dir) == []
     finally:
         server.stop()
+
+
+# ---- one failing batch never kills the router ---------------------------------------------------
+
+
+class RouterOverEngine:
+    """A real RouterManager driving a real engine over rpyc (the engine served in this process on
+    the router's worker socket), with the detokenizer's socket bound here to read what it sends."""
+
+    def __init__(self, run_dir: Path, model_dir: Path, engine_pool: int, router_pool: int):
+        self.paths = RunPaths(str(run_dir))
+        args = ServerArgs(device="cpu", data_type="float32", max_total_token_num=engine_pool,
+                          max_req_total_len=128, running_max_req_size=8, router_max_wait_tokens=1)
+        self.engine = ModelEngine(args, str(model_dir))
+        self.rpyc_server = ThreadedServer(ModelWorkerService(RankRunner(self.engine)),
+                                          socket_path=self.paths.worker_socket(0), protocol_config=RPYC_CONFIG,
+                                          auto_register=False)
+        threading.Thread(target=self.rpyc_server.start, daemon=True).start()
+        self.ctx = zmq.Context()
+        self.detok = self.ctx.socket(zmq.PULL)
+        self.detok.bind(self.paths.detok_in)
+        # The router believes in its own pool size: more than the engine's makes decode run out.
+        self.router = RouterManager(replace(args, max_total_token_num=router_pool), self.paths, router_pool)
+        self.outs: dict[int, list[TokenOut]] = {}
+
+    def add(self, req_id: int, max_new_tokens: int, **sampling: object) -> None:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, **sampling)
+        self.router.add_request(GenerateReq(req_id=req_id, prompt_ids=list(range(10, 20)), sampling=params))
+        self.outs[req_id] = []
+
+    def run(self, max_steps: int = 200) -> None:
+        """Step until nothing runs or waits, collecting what reaches the detokenizer."""
+        for _ in range(max_steps):
+            if not self.router.scheduler.has_work:
+                break
+            self.router.step()
+        while self.detok.poll(200):  # ipc delivers asynchronously: wait until it goes quiet
+            msg = serde.loads(self.detok.recv())
+            if isinstance(msg, BatchTokenOut):
+                for out in msg.outs:
+                    self.outs[out.req_id].append(out)
+
+    def kv_free(self) -> bool:
+        stats = self.engine.stats()
+        return stats["kv_free"] == stats["kv_total"] and stats["running_reqs"] == 0
+
+    def close(self) -> None:
+        self.rpyc_server.close()
+        self.ctx.destroy(linger=0)
+
+
+def _finished_normally(outs: list[TokenOut], n: int) -> bool:
+    return len(outs) == n and all(o.error is None for o in outs) and outs[-1].finish_reason is not None
+
+
+def _failed_with_error(outs: list[TokenOut]) -> bool:
+    return bool(outs) and outs[-1].error == BATCH_FAILED and "Traceback" not in outs[-1].error
+
+
+def test_a_prefill_that_raises_fails_its_batch_only_and_the_router_serves_on(tmp_path, tiny_served_model,
+                                                                             caplog) -> None:
+    """A request that got past the door with a setting the engine cannot serve (more logprob
+    alternatives than the vocabulary has: `topk` raises inside the backend's prefill) fails alone;
+    the running request goes on and every KV slot comes back."""
+    harness = RouterOverEngine(tmp_path, tiny_served_model, engine_pool=512, router_pool=512)
+    try:
+        harness.add(1, 12)
+        harness.router.step()  # request 1 is running
+        harness.add(2, 4, logprobs=10**6)  # validate() refuses it; the router is handed it anyway
+        with caplog.at_level(logging.ERROR, logger="lightserve.router.manager"):
+            harness.run()
+        assert _failed_with_error(harness.outs[2]) and len(harness.outs[2]) == 1
+        assert _finished_normally(harness.outs[1], 12), harness.outs[1]
+        assert harness.kv_free()
+        assert [r.message for r in caplog.records if "backend call failed" in r.message][0].count("\n") == 0
+        harness.add(3, 5)  # and the router still serves
+        harness.run()
+        assert _finished_normally(harness.outs[3], 5) and harness.kv_free()
+    finally:
+        harness.close()
+
+
+def test_a_decode_that_raises_fails_the_running_batch_frees_its_kv_and_serving_goes_on(tmp_path,
+                                                                                     tiny_served_model) -> None:
+    """The engine's pool is smaller than the router believes, so a decode step runs out of KV
+    (KVCacheFull raised in the backend): every running request fails with an error, the batch's
+    slots are freed, and the next request is served."""
+    harness = RouterOverEngine(tmp_path, tiny_served_model, engine_pool=40, router_pool=4000)
+    try:
+        harness.add(1, 30)
+        harness.add(2, 30)
+        harness.run()
+        for req_id in (1, 2):
+            outs = harness.outs[req_id]
+            assert _failed_with_error(outs) and all(o.error is None for o in outs[:-1]), outs
+        assert harness.kv_free()
+        harness.add(3, 5)
+        harness.run()
+        assert _finished_normally(harness.outs[3], 5) and harness.kv_free()
+    finally:
+        harness.close()
+
+
+def test_a_request_the_backend_cannot_serve_fails_alone_in_the_real_server(load_server) -> None:
+    """The same failure in the running server: a request handed straight to the router process
+    (as a buggy or future front end could) makes the backend raise during its prefill. It fails
+    alone with one log line; the stream in flight completes, the server stays up, the pool empties."""
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 150, "ignore_eos": True, "details": True}}
+    bad = GenerateReq(req_id=10**12, prompt_ids=list(range(10, 20)),
+                      sampling=SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=10**6))
+    ctx = zmq.Context()
+    inject = ctx.socket(zmq.PUSH)
+    inject.connect(RunPaths(load_server.run_dir()).router_in)
+    events: list[dict] = []
+    try:
+        with httpx.stream("POST", load_server.url + "/generate_stream", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    if len(events) == 1:
+                        inject.send(serde.dumps(bad))
+    finally:
+        ctx.destroy(linger=0)
+    assert len(events) == 150 and events[-1]["details"]["finish_reason"] == "length", events[-1]
+    assert load_server.proc.poll() is None
+    assert httpx.get(load_server.url + "/health").status_code == 200
+    wait_pool_free(load_server.url)
+    log = load_server.read_log()
+    assert log.count("backend call failed") == 1 and "Traceback" not in log, log[-2000:]

@@ -473,3 +473,55 @@ def test_logprobs_are_raw_log_softmax_with_per_row_top_alternatives() -> None:
         assert result.top_ids[r, :k].tolist() == ids.tolist()
         torch.testing.assert_close(result.top_logprobs[r, :k], values)
         assert (result.top_ids[r, k:] == -1).all() and (result.top_logprobs[r, k:] == float("-inf")).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken logits
+# ---------------------------------------------------------------------------------------------
+
+BROKEN_ROW_PARAMS = [
+    GREEDY,
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.2, top_p=0.9),
+    SamplingParams(temperature=1.0, top_p=0.8, repetition_penalty=1.3, presence_penalty=0.5, logprobs=3),
+    # The smallest penalty the door lets through, on huge logits: the division overflows to inf.
+    SamplingParams(temperature=0.9, repetition_penalty=0.01),
+]
+
+
+@pytest.mark.parametrize("params", BROKEN_ROW_PARAMS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}"
+                         f"-r{p.repetition_penalty}")
+@pytest.mark.parametrize("broken", ["nan-row", "one-nan", "posinf", "two-posinf", "neginf-row", "huge"])
+def test_non_finite_logits_still_give_ids_inside_the_vocabulary(params: SamplingParams, broken: str) -> None:
+    """A model that outputs NaN or inf (fp16 overflow, a broken checkpoint) or a penalty that
+    overflows must not make the sampler return id V: the engine would index past its tables and
+    the error used to take the router, and the server, down."""
+    vocab = 300
+    gen = torch.Generator().manual_seed(11)
+    logits = distinct_logits(3, vocab, gen)  # rows 0 and 2 stay normal
+    row = logits[1]
+    if broken == "nan-row":
+        row.fill_(float("nan"))
+    elif broken == "one-nan":
+        row[7] = float("nan")
+    elif broken == "posinf":
+        row[42] = float("inf")
+    elif broken == "two-posinf":
+        row[[42, 250]] = float("inf")
+    elif broken == "neginf-row":
+        row.fill_(float("-inf"))
+    else:
+        row.mul_(3e37)  # finite, but the penalty's division and the shift overflow
+    normal = SamplingBatch.build([params] * 3, [5, 6, 7], [[1, 2, 42, 250]] * 3, vocab, "cpu")
+    expected = sample(distinct_logits(3, vocab, torch.Generator().manual_seed(11)), normal, steps_of(3, 0))
+    batch = SamplingBatch.build([params] * 3, [5, 6, 7], [[1, 2, 42, 250]] * 3, vocab, "cpu")
+    for step in range(3):
+        result = sample(logits, batch, steps_of(3, step))
+        assert ((result.next_ids >= 0) & (result.next_ids < vocab)).all(), result.next_ids
+        assert torch.isfinite(result.logprobs).all(), result.logprobs
+        if step == 0:  # the healthy rows of the batch are not disturbed
+            assert result.next_ids[[0, 2]].tolist() == expected.next_ids[[0, 2]].tolist()
+            assert torch.equal(result.logprobs[[0, 2]], expected.logprobs[[0, 2]])
+    if broken in ("posinf", "two-posinf"):  # +inf tokens hold the whole mass
+        assert result.next_ids[1].item() in (42, 250)

@@ -18,6 +18,12 @@ elementwise ops, row maxima and sequential (cumsum/scatter_add) sums, never by a
 reduction whose rounding depends on how many rows share the tensor, so the same logits, settings
 and seed give the same token whatever else is in the batch and in which order.
 
+Broken rows. A row whose logits hold NaN or +inf, or none that is finite (a broken model, fp16
+overflow, a penalty at its bound on huge logits), is made finite before anything else (`_finite`),
+so every row has a maximum and a positive total and the chosen id is always inside the vocabulary;
+one check over the row maxima finds such rows, so a healthy batch pays only for reading B flags
+back (on CUDA a host sync, a little before the engine's own read of the chosen ids).
+
 Speed (B=64, V=49152 on this CPU). Not Gumbel-max with one random number per (row, vocab index):
 hashing and two logarithms over [B, V] cost about twice the exp + cumsum of the inverse CDF, which
 needs one random number per row. Not a full-vocabulary sort for top-p (100-300 ms): a row with a
@@ -502,6 +508,17 @@ def sampling_weights(
     return weights
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """`t` with NaN and -inf as the lowest finite value and +inf as the highest.
+
+    Only for rows a model (or an extreme penalty) broke: +inf tokens share the whole mass, NaN
+    tokens get none, and a row with no finite logit at all becomes uniform, so every row still
+    has a maximum and a positive total and the chosen id stays inside the vocabulary.
+    """
+    info = torch.finfo(t.dtype)
+    return torch.nan_to_num(t, nan=info.min, posinf=info.max, neginf=info.min)
+
+
 def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Token ids [n]: invert each row's cumulative distribution at `u` (float32 [n] in (0, 1)).
 
@@ -536,6 +553,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, steps: torch.Tensor) -> S
     x = batch.penalties.apply(logits, ws) if batch.penalties is not None else logits
     # One max pass serves both kinds of rows: greedy rows take its index, sampling rows shift by it.
     row_max, next_ids = torch.max(x, 1)
+    # The max propagates NaN and +inf and is -inf only for a row without a finite logit, so one
+    # check over [B] finds every row that would break the draw (a NaN cdf makes it return id V).
+    if not bool(torch.isfinite(row_max).all()):
+        logits, x = _finite(logits), _finite(x)
+        row_max, next_ids = torch.max(x, 1)
     rows = plan.sample_rows
     if n := rows.numel():
         temperature = batch.temperature[rows, None]
