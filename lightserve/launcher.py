@@ -1,7 +1,8 @@
 """Starts and supervises the processes of one server instance.
 
-Order: backend ranks and the detokenizer start together (the ranks report the KV pool size),
-then the router, then the HTTP server runs in this process. Any child that fails to start
+Order: with --enable_multimodal the cache manager first (the visual server and the httpserver
+connect to it); then backend ranks, the detokenizer and the visual server together (the ranks
+report the KV pool size), then the router, then the HTTP server runs in this process. Any child that fails to start
 stops everything with that child's error; any child that dies later turns /health to 503,
 fails the requests in flight and shuts the server down.
 """
@@ -24,13 +25,17 @@ import uvicorn
 from transformers import AutoTokenizer
 
 from lightserve.backend.worker import ranks_of_node, start_backend_process
+from lightserve.cache_manager import shm
+from lightserve.cache_manager.manager import start_cache_manager_process
 from lightserve.detokenization.manager import start_detokenization_process
 from lightserve.httpserver.app import build_app
+from lightserve.httpserver.images import ImageIntake
 from lightserve.httpserver.manager import HttpServerManager
 from lightserve.router.manager import start_router_process
 from lightserve.server_args import ServerArgs
 from lightserve.utils.process import ChildStatus
 from lightserve.utils.run_paths import RunPaths
+from lightserve.visual.manager import start_visual_process
 
 logger = logging.getLogger("lightserve")
 
@@ -183,7 +188,13 @@ def launch(args: ServerArgs) -> int:
                  for r in ranks_of_node(args)]
         if args.node_rank > 0:
             return _serve_ranks_only(args, children, ranks)
-        statuses = children.start(ranks + [("detokenization", start_detokenization_process, (args, paths, tokenizer_dir))])
+        others = [("detokenization", start_detokenization_process, (args, paths, tokenizer_dir))]
+        if args.enable_multimodal:
+            if args.nnodes > 1:  # embeddings travel through this host's shared memory
+                raise ChildStartError("--enable_multimodal runs on one node only (--nnodes 1)")
+            children.start([("cache_manager", start_cache_manager_process, (args, paths))])
+            others.append(("visual", start_visual_process, (args, paths, model_dir)))
+        statuses = children.start(ranks + others)
         backend_info: dict[str, Any] = statuses[0].info
         children.start([("router", start_router_process, (args, paths, backend_info["max_total_token_num"]))])
         logger.info("backend ready: %s", backend_info)
@@ -191,7 +202,8 @@ def launch(args: ServerArgs) -> int:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         # The httpserver refuses at the door what could never fit in the pool the backend made.
         args = dataclasses.replace(args, max_total_token_num=backend_info["max_total_token_num"])
-        manager = HttpServerManager(args, paths, tokenizer)
+        images = ImageIntake.for_server(args, paths, model_dir, tokenizer) if args.enable_multimodal else None
+        manager = HttpServerManager(args, paths, tokenizer, images)
         app = build_app(manager, args)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
@@ -218,6 +230,9 @@ def launch(args: ServerArgs) -> int:
     finally:
         stop_watch.set()
         children.stop_all()
+        # The cache manager unlinks its segments when terminated; a killed one cannot, so
+        # whatever is left of this instance's segments goes here.
+        shm.unlink_all(shm.segment_prefix(paths.run_dir))
         paths.remove()
 
 

@@ -80,6 +80,18 @@ def random_image(seed: int, width: int, height: int, mode: str = "RGB", fmt: str
     return buf.getvalue()
 
 
+def hf_generate(hf, prompt: str, images: list[bytes], steps: int) -> tuple[list[int], list[int]]:
+    """(expanded prompt ids, greedy generated ids) from transformers; `hf` is (model, processor)."""
+    model, processor = hf
+    pil = [Image.open(io.BytesIO(b)) for b in images]
+    inputs = processor(images=pil, text=prompt, return_tensors="pt")
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    n = inputs["input_ids"].shape[1]
+    return inputs["input_ids"][0].tolist(), out[0, n:].tolist()
+
+
 # ---- running the language model through lightserve ------------------------------------------
 
 def text_model_config(model_dir: Path) -> ModelConfig:

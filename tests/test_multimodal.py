@@ -41,6 +41,7 @@ from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
 from lightserve.visual.encoder import VisionSpec
 from lightserve.visual.manager import start_visual_process
+from tests import llava_factory
 from tests.llava_factory import (IMAGE_TOKEN, TOKENS_PER_IMAGE, LlavaRunner, build_tiny_llava, random_image,
                                  tp_rank_last_logits)
 
@@ -162,14 +163,7 @@ def pipe(llava_dir):
 
 def hf_generate(hf, prompt: str, images: list[bytes], steps: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
     """(expanded prompt ids, generated ids) from transformers."""
-    model, processor = hf
-    pil = [Image.open(io.BytesIO(b)) for b in images]
-    inputs = processor(images=pil, text=prompt, return_tensors="pt")
-    eos = model.config.text_config.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    n = inputs["input_ids"].shape[1]
-    return inputs["input_ids"][0].tolist(), out[0, n:].tolist()
+    return llava_factory.hf_generate(hf, prompt, images, steps)
 
 
 def hf_image_features(hf, image: bytes) -> torch.Tensor:

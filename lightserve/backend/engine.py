@@ -18,6 +18,7 @@ import torch
 from lightserve.backend.attention import make_attention, resolve_backend_name
 from lightserve.backend.device import kv_pool_size, resolve_device, resolve_dtype
 from lightserve.backend.forward_state import ForwardState
+from lightserve.backend.image_inputs import gather_image_embeds
 from lightserve.backend.infer_batch import InferBatch, ReqState
 from lightserve.backend.mem_manager import MemoryManager
 from lightserve.backend.models import model_class
@@ -45,9 +46,11 @@ def _top_logprob_lists(result: SampleResult, n: int) -> list[list[tuple[int, flo
 
 
 class ModelEngine:
-    def __init__(self, args: ServerArgs, model_dir: str, tp: TensorParallel = SINGLE):
+    def __init__(self, args: ServerArgs, model_dir: str, tp: TensorParallel = SINGLE, shm_prefix: Optional[str] = None):
         self.args = args
         self.tp = tp
+        # Where the cache manager's image embeddings live (multimodal servers only).
+        self.shm_prefix = shm_prefix
         self.device = resolve_device(args.device, tp.rank)
         self.dtype = resolve_dtype(args.data_type, self.device)
         self.cfg = ModelConfig.from_model_dir(model_dir)
@@ -119,13 +122,19 @@ class ModelEngine:
             b_seq_len=lens_t.to(torch.int32), max_seq_len=max(lens), req_to_token=self.req_manager.req_to_token,
             b_start=starts.tolist(), b_new_len=lens,
         )
+        if any(r.images for r in reqs):
+            if self.shm_prefix is None:
+                raise ValueError("a request with images reached an engine without the image cache (--enable_multimodal)")
+            state.image_embeds, state.image_rows = gather_image_embeds(
+                reqs, state.b_start, self.shm_prefix, self.cfg.hidden_size, self.dtype, dev)
         input_ids = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=dev)
         logits = self.model.forward(input_ids, state, self.kv_cache, ends - 1)
         seeds = [r.sampling.seed if r.sampling.seed is not None else default_seed(r.req_id) for r in reqs]
         batch = InferBatch(
             batch_id=batch_id,
             reqs=[
-                ReqState(r.req_id, int(row), r.prompt_ids, r.sampling, seed, list(r.output_ids), frozenset(r.sampling.stop_token_ids))
+                ReqState(r.req_id, int(row), r.prompt_ids, r.sampling, seed, list(r.output_ids),
+                         frozenset(r.sampling.stop_token_ids), list(r.images))
                 for r, row, seed in zip(reqs, rows.tolist(), seeds)
             ],
             b_req_idx=rows,
@@ -171,7 +180,8 @@ class ModelEngine:
         batch = self.batches[batch_id]
         chosen = set(req_ids)
         paused = [
-            GenerateReq(req_id=r.req_id, prompt_ids=r.prompt_ids, sampling=r.sampling, output_ids=list(r.output_ids))
+            GenerateReq(req_id=r.req_id, prompt_ids=r.prompt_ids, sampling=r.sampling, images=r.images,
+                        output_ids=list(r.output_ids))
             for r in batch.reqs if r.req_id in chosen
         ]
         self._keep_rows(batch, [i for i, r in enumerate(batch.reqs) if r.req_id not in chosen])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightserve.backend.sampling import SamplingBatch
-from lightserve.io_struct import SamplingParams
+from lightserve.io_struct import ImageItem, SamplingParams
 
 
 @dataclass
@@ -23,6 +23,7 @@ class ReqState:
     seed: int
     output_ids: list[int] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()
+    images: list[ImageItem] = field(default_factory=list)  # kept so a paused request is recomputed with them
 
 
 @dataclass

@@ -22,6 +22,7 @@ from rpyc.utils.server import OneShotServer
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.parallel import TensorParallel
+from lightserve.cache_manager import shm
 from lightserve.io_struct import BackendCall
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
@@ -130,7 +131,9 @@ def start_backend_process(args: ServerArgs, paths: Optional[RunPaths], model_dir
         per_node = args.tp // args.nnodes
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
         forward_group = _init_distributed(args, rank, dist_addr)
-        engine = ModelEngine(args, model_dir, TensorParallel(rank, args.tp))
+        # Every rank reads the same full-width image embeddings from the cache manager's segments.
+        prefix = shm.segment_prefix(paths.run_dir) if args.enable_multimodal and paths is not None else None
+        engine = ModelEngine(args, model_dir, TensorParallel(rank, args.tp), shm_prefix=prefix)
         info = {"max_total_token_num": engine.mem.size, "vocab_size": engine.cfg.vocab_size,
                 "attention_backend": engine.attention_backend, "dtype": str(engine.dtype)}
         if args.node_rank > 0:

@@ -53,6 +53,9 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
+        image_stats = await manager.image_cache_stats() if manager.healthy else None
+        if image_stats is not None:
+            manager.metrics.image_cache.update(image_stats)
         return Response(manager.metrics.render(), media_type=manager.metrics.content_type)
 
     async def openapi(request: Request) -> Response:

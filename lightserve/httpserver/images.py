@@ -206,6 +206,10 @@ class ImageIntake:
         self._pool.shutdown(wait=True)
         self.cache.close()
 
+    async def stats(self) -> dict[str, int]:
+        """The cache manager's counters (records, evictions, images encoded)."""
+        return await self._run(self.cache.stats)
+
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 

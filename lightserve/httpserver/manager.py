@@ -9,8 +9,12 @@ and hands each request the `TextOut`s the detokenization process sends back:
             ...
 
 Leaving the `async with` before the last output (client gone, exception, cancellation) aborts
-the request in the router, which frees its KV cache at the next step. Route handlers of every
-API (TGI, OpenAI) share this class; it knows nothing about HTTP.
+the request in the router, which frees its KV cache at the next step.
+
+Requests with images (`images=`, checked by `ImageIntake.prepare`) take their image-cache
+references when the context is entered and drop them when it is left, however the request
+ends (finished, aborted, failed, client gone). Route handlers of every API (TGI, OpenAI) share
+this class; it knows nothing about HTTP.
 
 Threading: everything runs on the event loop of the HTTP server, except tokenization (one
 worker thread, see `tokenize`) and `fail_all`, which the launcher's supervisor may call from
@@ -29,6 +33,7 @@ from typing import Callable, Optional, TypeVar, Union
 import zmq
 import zmq.asyncio
 
+from lightserve.httpserver.images import ImageIntake, PreparedImages
 from lightserve.httpserver.metrics import RequestRecord, ServerMetrics
 from lightserve.io_struct import (
     AbortReq, BatchTextOut, FinishReason, GenerateReq, ImageItem, RouterStats, SamplingParams, TextOut,
@@ -54,9 +59,10 @@ class RequestStream:
     submits the request; exiting before that last output aborts it.
     """
 
-    def __init__(self, manager: "HttpServerManager", req: GenerateReq) -> None:
+    def __init__(self, manager: "HttpServerManager", req: GenerateReq, images: Optional[PreparedImages]) -> None:
         self._manager = manager
         self.req = req
+        self._images = images
         self._queue: asyncio.Queue[TextOut] = asyncio.Queue()
         self._finished = False
         self._record: Optional[RequestRecord] = None
@@ -66,7 +72,13 @@ class RequestStream:
         return self.req.req_id
 
     async def __aenter__(self) -> "RequestStream":
-        self._manager._submit(self)
+        if self._images is not None:
+            self.req.images = await self._manager._acquire_images(self._images)
+        try:
+            self._manager._submit(self)
+        except BaseException:
+            self._manager._release_images(self.req)
+            raise
         self._record = self._manager.metrics.request_started()
         return self
 
@@ -97,10 +109,11 @@ class HttpServerManager:
     that serves HTTP (the app's lifespan does both).
     """
 
-    def __init__(self, args: ServerArgs, paths: RunPaths, tokenizer) -> None:
+    def __init__(self, args: ServerArgs, paths: RunPaths, tokenizer, images: Optional[ImageIntake] = None) -> None:
         self.args = args
         self.paths = paths
         self.tokenizer = tokenizer
+        self.images = images  # multimodal servers: reads, checks and references request images
         self._req_ids = itertools.count()
         self._streams: dict[int, RequestStream] = {}
         self._failure: Optional[str] = None
@@ -118,7 +131,7 @@ class HttpServerManager:
         # One thread: fast tokenizers are not safe to call from several threads at once, and
         # long prompts must not block the event loop that streams everyone else's tokens.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightserve-tokenize")
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(multimodal=images is not None)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -156,6 +169,16 @@ class HttpServerManager:
             self._ctx.destroy(linger=0)
             self._ctx = None
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        if self.images is not None:
+            self.images.close()
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: --max_body_bytes of text, plus room for the base64 images
+        a request may carry on a multimodal server."""
+        if self.images is None:
+            return self.args.max_body_bytes
+        return self.images.limits.body_limit(self.args.max_body_bytes)
 
     @property
     def loop(self) -> Optional[asyncio.AbstractEventLoop]:
@@ -214,15 +237,35 @@ class HttpServerManager:
         return await loop.run_in_executor(self._tokenize_pool, work, self.tokenizer)
 
     def generate(
-        self, prompt_ids: list[int], sampling: SamplingParams, images: Optional[list[ImageItem]] = None
+        self, prompt_ids: list[int], sampling: SamplingParams, images: Optional[PreparedImages] = None
     ) -> RequestStream:
         """A request ready to submit: use it as `async with manager.generate(...) as outs`.
 
-        The request id is taken now; the request is sent when the context is entered, which
-        raises `ServerUnavailable` if the server has failed.
+        With images, `prompt_ids` are `images.prompt_ids` (image tags expanded). The request id
+        is taken now; the request is sent when the context is entered, which raises
+        `ServerUnavailable` if the server has failed, or the intake's `ApiError` (429, 422) if
+        the image cache cannot take the images.
         """
-        req = GenerateReq(req_id=next(self._req_ids), prompt_ids=list(prompt_ids), sampling=sampling, images=images or [])
-        return RequestStream(self, req)
+        if images is not None and self.images is None:
+            raise RuntimeError("a request with images needs --enable_multimodal")
+        req = GenerateReq(req_id=next(self._req_ids), prompt_ids=list(prompt_ids), sampling=sampling)
+        return RequestStream(self, req, images)
+
+    async def _acquire_images(self, images: PreparedImages) -> list[ImageItem]:
+        if self._failure is not None:  # do not wait for cache room on a failed server
+            raise ServerUnavailable(self._failure)
+        return await self.images.acquire(images)
+
+    def _release_images(self, req: GenerateReq) -> None:
+        # A failed server is going down with its cache manager (which may be the dead child).
+        if req.images and self._failure is None:
+            self.images.release(req.images)
+
+    async def image_cache_stats(self) -> Optional[dict[str, int]]:
+        """The cache manager's figures (multimodal servers), None otherwise."""
+        if self.images is None:
+            return None
+        return await self.images.stats()
 
     def _submit(self, stream: RequestStream) -> None:
         if self._failure is not None:
@@ -245,6 +288,9 @@ class HttpServerManager:
         self._streams.pop(stream.req_id, None)
         if aborted and self._failure is None:
             self._abort(stream.req)
+        # After the abort is queued: should the records be evicted before the abort lands, the
+        # backend zeroes the missing embeddings of a request whose output is discarded anyway.
+        self._release_images(stream.req)
 
     def _abort(self, req: GenerateReq) -> None:
         # The visual server may still hold an image request; the router may hold any request.

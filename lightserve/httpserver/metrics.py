@@ -7,6 +7,9 @@ request is submitted, gets its tokens and ends (`RequestRecord`, driven by the m
 prompts counts once per choice. Requests refused before submission (a 4xx answer) count as
 `outcome="rejected"` and nowhere else.
 
+Image-cache figures (multimodal servers) are the cache manager's, read when `/metrics` is
+scraped (`ImageCacheCollector`).
+
 Times are measured in the HTTP process from submission (after tokenization), so TTFT includes
 the queue wait, prefill and the trip through the detokenizer: what a client sees, minus HTTP.
 """
@@ -14,9 +17,10 @@ the queue wait, prefill and the trip through the detokenizer: what a client sees
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lightserve.io_struct import FinishReason, RouterStats, TextOut
@@ -36,12 +40,49 @@ REJECTED = "rejected"  # refused with a 4xx answer before it was submitted
 OUTCOMES = (SUCCESS, ERROR, CANCELLED, REJECTED)
 
 
+class ImageCacheCollector:
+    """The cache manager's counters (`ImageCache.stats()`), as of the last `update`.
+
+    They are counted in the cache manager, which every process of the instance reaches, so the
+    figures are copied at scrape time rather than mirrored by counters here.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, int] = {}
+
+    def update(self, stats: dict[str, int]) -> None:
+        self.stats = dict(stats)
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families()
+
+    def _families(self) -> Iterator[Metric]:
+        s = self.stats
+        yield CounterMetricFamily("lightserve_images_encoded", "Images encoded by the visual server (an image "
+                                  "already in the cache is not encoded again)", value=s.get("images_encoded", 0))
+        yield CounterMetricFamily("lightserve_image_encode_batches", "Batches the visual server encoded",
+                                  value=s.get("encode_batches", 0))
+        yield CounterMetricFamily("lightserve_image_cache_evictions", "Image records evicted to make room",
+                                  value=s.get("evictions", 0))
+        yield GaugeMetricFamily("lightserve_image_cache_records", "Image records in the cache",
+                                value=s.get("records", 0))
+        yield GaugeMetricFamily("lightserve_image_cache_capacity", "Image records the cache may hold (--cache_capacity)",
+                                value=s.get("capacity", 0))
+
+
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multimodal: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.image_cache: Optional[ImageCacheCollector] = None
+        if multimodal:
+            self.image_cache = ImageCacheCollector()
+            r.register(self.image_cache)
         self.kv_total = Gauge("lightserve_kv_slots_total", "KV cache slots in the pool (rank 0)", registry=r)
         self.kv_used = Gauge("lightserve_kv_slots_used", "KV cache slots held by requests (rank 0)", registry=r)
         self.running = Gauge("lightserve_running_requests", "Requests in the running batch", registry=r)

@@ -20,7 +20,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, TypeVar, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, TypeVar, Union
 
 from jinja2.exceptions import TemplateError
 from starlette.requests import Request
@@ -30,6 +30,7 @@ from starlette.routing import Route
 from lightserve.httpserver.admission import admission_of
 from lightserve.httpserver.disconnect import cancel_and_wait, run_unless_disconnected
 from lightserve.httpserver.errors import GENERATION, ApiError, generation_error, unavailable, validation_error
+from lightserve.httpserver.images import ImageSource, PreparedImages
 from lightserve.httpserver.manager import HttpServerManager, ServerUnavailable, failure_of
 from lightserve.httpserver.openai_errors import model_not_found, openai_error_body
 from lightserve.httpserver.openai_format import ChatFormat, ChoiceInfo, CompletionFormat, usage
@@ -62,6 +63,7 @@ class _Choice:
     info: ChoiceInfo
     prompt_ids: list[int]
     sampling: SamplingParams
+    images: Optional[PreparedImages] = None  # each choice takes its own references to them
 
 
 @dataclass
@@ -121,7 +123,7 @@ class OpenAIApi:
     async def _body(self, request: Request, model: type[_Body]) -> _Body:
         if not self.manager.healthy:
             raise unavailable(self.manager.failure or "")
-        body = parse_json(model, await read_body(request, self.args.max_body_bytes))
+        body = parse_json(model, await read_body(request, self.manager.max_body_bytes))
         self._check_model(body.model)
         check_common(body)
         return body
@@ -150,18 +152,23 @@ class OpenAIApi:
     async def _prepare_chat(self, request: Request) -> _Prepared:
         body = await self._body(request, ChatCompletionRequest)
         admission_of(request).grow_to(body.choices_per_prompt)
-        conversation = chat_conversation(body.messages)
+        intake = self.manager.images
+        conversation = chat_conversation(body.messages, intake.image_tag if intake is not None else None)
         check_images(conversation.images, self.args)
         top = chat_top_logprobs(body)
         max_tokens, max_tokens_field = chat_max_tokens(body)
         text = await self._render_chat(conversation.messages)
         # The template wrote the special tokens (bos, turn markers) itself.
         ids = await self.manager.tokenize(text, add_special_tokens=False)
+        images = None
+        if conversation.images:
+            images = await intake.prepare(ids, [ImageSource.from_url(ref.url) for ref in conversation.images])
+            ids = images.prompt_ids
         check_prompt_length(len(ids), "messages")
         samplings = openai_sampling(body, len(ids), self.args, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
                                     prompt_field="messages", logprobs=top)
         logprobs = bool(body.logprobs)
-        choices = [_Choice(ChoiceInfo(index=i, logprobs=logprobs), ids, s) for i, s in enumerate(samplings)]
+        choices = [_Choice(ChoiceInfo(index=i, logprobs=logprobs), ids, s, images) for i, s in enumerate(samplings)]
         return _Prepared(ChatFormat(), choices, len(ids), bool(body.stream), body.include_usage, logprobs)
 
     async def _render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -237,6 +244,8 @@ class OpenAIApi:
                         yield chunk([], usage(prep.prompt_tokens, sum(completion_tokens)))
         except ServerUnavailable as exc:
             yield sse_event(openai_error_body(unavailable(str(exc))))
+        except ApiError as exc:  # the image cache had no room (429) after the headers went out
+            yield sse_event(openai_error_body(exc))
         except Exception:  # headers are sent: the stream can only end with an error event
             logger.exception("OpenAI stream failed")
             yield sse_event(openai_error_body(ApiError(500, "internal server error", GENERATION)))
@@ -253,7 +262,7 @@ class OpenAIApi:
 
         async def pump(i: int, choice: _Choice) -> None:
             try:
-                async with self.manager.generate(choice.prompt_ids, choice.sampling) as outs:
+                async with self.manager.generate(choice.prompt_ids, choice.sampling, choice.images) as outs:
                     async for out in outs:
                         queue.put_nowait((i, out))
             except Exception as exc:  # handed to the reader, which raises it

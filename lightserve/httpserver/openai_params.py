@@ -221,11 +221,12 @@ class Conversation:
     images: list[ImageRef]
 
 
-def chat_conversation(messages: list[ChatMessage]) -> Conversation:
+def chat_conversation(messages: list[ChatMessage], image_tag: Optional[str] = None) -> Conversation:
     """Template-ready messages: roles checked, text parts joined, image parts collected.
 
-    Text parts are joined with newlines. Image parts are taken out of the text; the multimodal
-    path will put the model's image placeholder where they were.
+    Parts are joined with newlines; each image part becomes `image_tag` (the model's image
+    token, which the intake expands into the image's placeholders), or nothing on a server
+    without images (which refuses image parts, see `check_images`).
     """
     if not messages:
         raise validation_error("`messages` must not be empty", "messages")
@@ -236,7 +237,7 @@ def chat_conversation(messages: list[ChatMessage]) -> Conversation:
             raise validation_error(
                 f"`messages[{i}].role`: `{msg.role}` is not supported (use one of {', '.join(ROLES)})",
                 f"messages[{i}].role")
-        text = msg.content if isinstance(msg.content, str) else _join_parts(msg.content, i, images)
+        text = msg.content if isinstance(msg.content, str) else _join_parts(msg.content, i, images, image_tag)
         entry = {"role": ROLES[msg.role], "content": text}
         if msg.name is not None:
             entry["name"] = msg.name
@@ -244,7 +245,7 @@ def chat_conversation(messages: list[ChatMessage]) -> Conversation:
     return Conversation(out, images)
 
 
-def _join_parts(parts: list[dict[str, Any]], message: int, images: list[ImageRef]) -> str:
+def _join_parts(parts: list[dict[str, Any]], message: int, images: list[ImageRef], image_tag: Optional[str]) -> str:
     texts = []
     for j, part in enumerate(parts):
         where = f"messages[{message}].content[{j}]"
@@ -253,6 +254,8 @@ def _join_parts(parts: list[dict[str, Any]], message: int, images: list[ImageRef
             texts.append(part["text"])
         elif kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str):
             images.append(ImageRef(message, j, part["image_url"]["url"]))
+            if image_tag is not None:
+                texts.append(image_tag)
         elif kind in ("text", "image_url"):
             field = "text" if kind == "text" else "image_url.url"
             raise validation_error(f"`{where}`: a `{kind}` part needs a string `{field}`", where)
@@ -262,18 +265,10 @@ def _join_parts(parts: list[dict[str, Any]], message: int, images: list[ImageRef
 
 
 def check_images(images: list[ImageRef], args: ServerArgs) -> None:
-    """Hook for image input: refuse images until the multimodal path is wired.
-
-    With --enable_multimodal the images will be fetched or decoded from their `data:` URIs,
-    registered with the cache manager and sent as `ImageItem`s through
-    `HttpServerManager.generate(..., images=...)`.
-    """
-    if not images:
-        return
-    where = f"messages[{images[0].message}].content[{images[0].part}]"
-    if not args.enable_multimodal:
+    """Image parts need a multimodal server; their contents are checked by `ImageIntake`."""
+    if images and not args.enable_multimodal:
+        where = f"messages[{images[0].message}].content[{images[0].part}]"
         raise validation_error(f"`{where}`: images need --enable_multimodal", where)
-    raise validation_error(f"`{where}`: image input is not implemented yet", where)
 
 
 # ---- sampling --------------------------------------------------------------------------------

@@ -91,10 +91,11 @@ _ERROR_TEXT = {
     400: "invalid request (the message names the field in `param`)",
     401: "missing or wrong API key",
     404: "unknown model",
-    413: "request body over --max_body_bytes",
+    413: "request body over --max_body_bytes (multimodal servers add room for the images a request may carry)",
     415: "a Content-Type other than application/json",
-    422: "invalid request (the message names the field)",
-    429: "overloaded: --running_max_req_size + --max_waiting_reqs generations are in flight; retry later",
+    422: "invalid request (the message names the field), including an unreadable, oversized or remote image",
+    429: "overloaded: --running_max_req_size + --max_waiting_reqs generations are in flight, or (images) every "
+         "image-cache record is in use; retry later",
     500: "the generation failed",
     503: "the server lost one of its processes or is shutting down",
 }
@@ -132,7 +133,8 @@ def _request_schemas(args: ServerArgs, model_name: str, vocab_size: int) -> dict
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         _openai_common(schemas[name], model_name, new_tokens)
     _completion(schemas["CompletionRequest"]["properties"], vocab_size)
-    _chat(schemas, new_tokens)
+    _chat(schemas, new_tokens, args)
+    _images(schemas, args)
     return schemas
 
 
@@ -141,8 +143,6 @@ def _tgi(schemas: dict[str, Schema], args: ServerArgs, new_tokens: Schema) -> No
     request["inputs"]["minLength"] = 1
     # `"parameters": null` means the defaults.
     request["parameters"] = {"anyOf": [{"$ref": _REF.format(model="TGIParameters")}, {"type": "null"}]}
-    if not args.enable_multimodal:
-        schemas["MultimodalParams"]["properties"]["images"]["maxItems"] = 0
     parameters = schemas["TGIParameters"]
     props = parameters["properties"]
     _sampling_ranges(props)
@@ -180,7 +180,27 @@ def _completion(props: Schema, vocab_size: int) -> None:
     _constrain(props["logprobs"], {"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
 
 
-def _chat(schemas: dict[str, Schema], new_tokens: Schema) -> None:
+def _images(schemas: dict[str, Schema], args: ServerArgs) -> None:
+    """TGI's `multimodal_params.images`: none without --enable_multimodal, else the intake's limits."""
+    images = schemas["MultimodalParams"]["properties"]["images"]
+    if not args.enable_multimodal:
+        images["maxItems"] = 0
+        images["description"] = "images need a server started with --enable_multimodal"
+        return
+    images["maxItems"] = args.max_images_per_request
+    images["description"] = (
+        "one image per image tag of `inputs`, in order (the tag is the model's image token, e.g. `<image>`); "
+        f"each at most {args.max_image_bytes} bytes encoded and {args.max_image_pixels} pixels; "
+        "PNG, JPEG, WEBP, GIF or BMP")
+    props = schemas["ImageInput"]["properties"]
+    props["type"]["enum"] = ["base64", "url"]
+    remote = "fetched by the server" if args.allow_remote_images else "refused: this server has no --allow_remote_images"
+    props["data"]["description"] = (
+        f"`base64`: the image bytes in base64, or a `data:image/...;base64,` URI; `url`: an http(s) URL ({remote}) "
+        "or a data: URI")
+
+
+def _chat(schemas: dict[str, Schema], new_tokens: Schema, args: ServerArgs) -> None:
     props = schemas["ChatCompletionRequest"]["properties"]
     props["messages"]["minItems"] = 1
     _constrain(props["max_completion_tokens"], new_tokens)
@@ -189,9 +209,17 @@ def _chat(schemas: dict[str, Schema], new_tokens: Schema) -> None:
     message["role"]["enum"] = list(openai_params.ROLES)
     text_part = {"type": "object", "required": ["type", "text"],
                  "properties": {"type": {"const": "text"}, "text": _STRING}}
+    if not args.enable_multimodal:
+        url_text = "refused: this server was started without --enable_multimodal"
+    else:
+        remote = "http(s) URLs are fetched" if args.allow_remote_images else "http(s) URLs are refused (no --allow_remote_images)"
+        url_text = (f"a `data:image/...;base64,` URI; {remote}. The image goes where the part is "
+                    f"(parts are joined with newlines); at most {args.max_images_per_request} images per request, "
+                    f"{args.max_image_bytes} bytes and {args.max_image_pixels} pixels each")
     image_part = {"type": "object", "required": ["type", "image_url"],
                   "properties": {"type": {"const": "image_url"},
-                                 "image_url": {"type": "object", "required": ["url"], "properties": {"url": _STRING}}}}
+                                 "image_url": {"type": "object", "required": ["url"],
+                                               "properties": {"url": {**_STRING, "description": url_text}}}}}
     message["content"] = {"anyOf": [_STRING, {"type": "array", "items": {"anyOf": [text_part, image_part]}}]}
 
 

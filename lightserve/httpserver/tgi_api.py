@@ -34,7 +34,10 @@ from lightserve.httpserver.errors import GENERATION, ApiError, generation_error,
 from lightserve.httpserver.manager import HttpServerManager, RequestStream, ServerUnavailable, failure_of
 from lightserve.httpserver.params import read_body
 from lightserve.httpserver.sse import EventStreamResponse, sse_event
-from lightserve.httpserver.tgi_params import TGIRequest, parse_tgi_request, tgi_sampling_params, truncate_prompt
+from lightserve.httpserver.images import PreparedImages
+from lightserve.httpserver.tgi_params import (
+    TGIRequest, image_sources, parse_tgi_request, tgi_sampling_params, truncate_prompt,
+)
 from lightserve.io_struct import SamplingParams, TextOut
 from lightserve.server_args import ServerArgs
 
@@ -48,6 +51,7 @@ class _Prepared:
     body: TGIRequest
     prompt_ids: list[int]
     sampling: SamplingParams
+    images: Optional[PreparedImages]
 
     def full_text(self, generated: str) -> str:
         return self.body.inputs + generated if self.body.parameters.return_full_text else generated
@@ -94,15 +98,21 @@ class TGIApi:
     async def _prepare(self, request: Request) -> _Prepared:
         if not self.manager.healthy:
             raise unavailable(self.manager.failure or "")
-        body = parse_tgi_request(await read_body(request, self.args.max_body_bytes), self.args)
+        body = parse_tgi_request(await read_body(request, self.manager.max_body_bytes), self.args)
         admission_of(request).grow_to(1)
+        # Truncation counts text tokens: it happens before image tags expand into placeholders.
         prompt_ids = truncate_prompt(await self.manager.tokenize(body.inputs), body.parameters.truncate)
+        images = None
+        sources = image_sources(body)
+        if sources:
+            images = await self.manager.images.prepare(prompt_ids, sources)
+            prompt_ids = images.prompt_ids
         sampling = tgi_sampling_params(body.parameters, len(prompt_ids), self.args)
-        return _Prepared(body, prompt_ids, sampling)
+        return _Prepared(body, prompt_ids, sampling, images)
 
     async def _complete(self, request: Request, prep: _Prepared) -> dict[str, Any]:
         try:
-            async with self.manager.generate(prep.prompt_ids, prep.sampling) as outs:
+            async with self.manager.generate(prep.prompt_ids, prep.sampling, prep.images) as outs:
                 collected = await run_unless_disconnected(request.receive, _collect(outs))
         except ServerUnavailable as exc:
             raise unavailable(str(exc)) from None
@@ -125,7 +135,7 @@ class TGIApi:
     async def _events(self, prep: _Prepared) -> AsyncGenerator[bytes, None]:
         texts: list[str] = []
         try:
-            async with self.manager.generate(prep.prompt_ids, prep.sampling) as outs:
+            async with self.manager.generate(prep.prompt_ids, prep.sampling, prep.images) as outs:
                 async for out in outs:
                     failure = failure_of(out)
                     if failure is not None:
@@ -149,6 +159,8 @@ class TGIApi:
                     yield sse_event(event)
         except ServerUnavailable as exc:
             yield sse_event(unavailable(str(exc)).tgi_body())
+        except ApiError as exc:  # the image cache had no room (429) after the headers went out
+            yield sse_event(exc.tgi_body())
         except Exception:  # headers are sent: the stream can only end with an error event
             logger.exception("TGI stream failed")
             yield sse_event(ApiError(500, "internal server error", GENERATION).tgi_body())

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lightserve.httpserver.errors import validation_error
+from lightserve.httpserver.images import ImageSource
 from lightserve.httpserver.params import check_prompt_length, finalize_sampling, normalize_stop, parse_json, resolve_max_new_tokens
 from lightserve.io_struct import SamplingParams
 from lightserve.server_args import ServerArgs
@@ -78,6 +79,9 @@ class TGIParameters(BaseModel):
 
 
 class ImageInput(BaseModel):
+    """One image: `type` "base64" (raw base64 or a `data:image/...;base64,` URI) or "url" (an
+    http(s) URL, fetched only with --allow_remote_images)."""
+
     model_config = _STRICT
 
     type: str
@@ -115,17 +119,19 @@ def parse_tgi_request(body: bytes, args: ServerArgs) -> TGIRequest:
             raise validation_error(f"`parameters.{name}` is not supported by this server", f"parameters.{name}")
     if p.truncate is not None and p.truncate < 1:
         raise validation_error(f"`parameters.truncate` must be a positive integer, got {p.truncate}", "parameters.truncate")
-    if req.multimodal_params is not None and req.multimodal_params.images:
-        # Hook for multimodal input: images will be decoded, registered with the cache manager
-        # and sent (as `ImageItem`s) through `HttpServerManager.generate(..., images=...)`,
-        # which routes them to the visual server. Until then they are refused explicitly.
-        if not args.enable_multimodal:
-            raise validation_error(
-                "`multimodal_params.images`: this server was started without --enable_multimodal",
-                "multimodal_params.images",
-            )
-        raise validation_error("`multimodal_params.images`: image input is not implemented yet", "multimodal_params.images")
+    if image_sources(req) and not args.enable_multimodal:
+        raise validation_error(
+            "`multimodal_params.images`: this server was started without --enable_multimodal",
+            "multimodal_params.images",
+        )
     return req
+
+
+def image_sources(req: TGIRequest) -> list[ImageSource]:
+    """The request's images, in prompt order (each `<image>` tag of `inputs` takes the next one)."""
+    if req.multimodal_params is None:
+        return []
+    return [ImageSource(image.type, image.data) for image in req.multimodal_params.images]
 
 
 def truncate_prompt(prompt_ids: list[int], truncate: Optional[int]) -> list[int]:

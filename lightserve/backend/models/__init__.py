@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from lightserve.backend.models.families import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from lightserve.backend.models.llava import LlavaForConditionalGeneration
 from lightserve.backend.models.template import CausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    # The language model only: the vision tower and projector run in the visual server.
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
 }
 
 

@@ -30,7 +30,8 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], architecture: Optional[str] = None) -> "ModelConfig":
+    def from_dict(cls, cfg: dict[str, Any], architecture: Optional[str] = None,
+                  raw: Optional[dict[str, Any]] = None) -> "ModelConfig":
         archs = cfg.get("architectures") or []
         architecture = architecture or (archs[0] if archs else "")
         heads = cfg["num_attention_heads"]
@@ -59,10 +60,30 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", False)),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
-            raw=cfg,
+            raw=cfg if raw is None else raw,
         )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
         with open(Path(model_dir) / "config.json") as f:
-            return cls.from_dict(json.load(f))
+            cfg = json.load(f)
+        if "text_config" in cfg:
+            # LLaVA: the backend runs the language model; the vision settings stay in `raw`.
+            text = {**language_model_config(cfg["text_config"]), "architectures": cfg.get("architectures")}
+            return cls.from_dict(text, raw=cfg)
+        return cls.from_dict(cfg)
+
+
+def language_model_config(text_config: dict[str, Any]) -> dict[str, Any]:
+    """A vision-language config's nested `text_config` with every field filled in.
+
+    llava-hf checkpoints often store only the fields that differ from the language model's
+    defaults (llava-1.5-7b-hf lists no hidden size at all), so the missing ones come from
+    transformers' config class of that `model_type`, built from the given fields (derived
+    values such as head_dim then follow the given hidden size, not a default one).
+    """
+    from transformers import CONFIG_MAPPING
+
+    fields = {k: v for k, v in text_config.items() if k != "model_type"}
+    full = CONFIG_MAPPING[text_config.get("model_type", "llama")](**fields).to_dict()
+    return {**full, **fields}
