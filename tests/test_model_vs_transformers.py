@@ -85,3 +85,20 @@ def test_unsupported_architecture_is_named(tmp_path, tiny_model_dirs):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*supported: .*LlamaForCausalLM"):
         _engine(bad, "torch")
+
+
+def test_a_prefill_that_raises_gives_back_its_kv_slots_and_table_rows(tiny_model_dirs):
+    """The batch is registered only when prefill succeeds, so a failure must free what it took."""
+    from lightserve.io_struct import ImageItem
+
+    engine = _engine(tiny_model_dirs["llama"], "torch")
+    free_slots, free_rows = engine.mem.can_use_mem_size, engine.req_manager.can_use_req_size
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
+    # A text-only engine refuses a request with images after it has allocated the batch.
+    with_image = GenerateReq(req_id=1, prompt_ids=[5] * 10, sampling=sampling,
+                             images=[ImageItem(md5="0" * 32, token_start=2, token_num=4, record_id=1)])
+    with pytest.raises(ValueError, match="without the image cache"):
+        engine.prefill(0, [GenerateReq(req_id=0, prompt_ids=[4] * 7, sampling=sampling), with_image])
+    assert (engine.mem.can_use_mem_size, engine.req_manager.can_use_req_size) == (free_slots, free_rows)
+    assert 0 not in engine.batches
+    engine.prefill(0, [GenerateReq(req_id=2, prompt_ids=[4] * 7, sampling=sampling)])  # still serves

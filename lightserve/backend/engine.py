@@ -104,11 +104,19 @@ class ModelEngine:
         lens = [len(x) for x in inputs]
         rows = self.req_manager.alloc(len(reqs))
         rows = torch.as_tensor(rows, dtype=torch.int32, device=self.device)
+        slots = None
         try:
             slots = self.mem.alloc(sum(lens))
-        except Exception:
+            return self._prefill_into(batch_id, reqs, inputs, lens, rows, slots)
+        except BaseException:
+            # The batch is registered only on success: nobody else could free what it holds.
+            if slots is not None:
+                self.mem.free(slots)
             self.req_manager.free(rows)
             raise
+
+    def _prefill_into(self, batch_id: int, reqs: list[GenerateReq], inputs: list[list[int]], lens: list[int],
+                      rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         dev = self.device
         lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
         ends = lens_t.cumsum(0)
