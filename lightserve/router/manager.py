@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from multiprocessing.connection import Connection
-from typing import Optional
 
 import zmq
 
@@ -38,21 +37,6 @@ def raised_by_backend(exc: BaseException) -> bool:
     return hasattr(exc, "_remote_tb")
 
 
-class RouterWorkers(WorkerGroup):
-    """The backend ranks, remembering the prefill in progress: if it raises, the router knows
-    which new batch (and requests) to fail without guessing from the scheduler's state."""
-
-    def __init__(self, paths: RunPaths, ranks: range):
-        super().__init__(paths, ranks)
-        self.prefilling: Optional[tuple[int, list[GenerateReq]]] = None
-
-    def prefill(self, batch_id: int, reqs: list[GenerateReq]) -> list[TokenOut]:
-        self.prefilling = (batch_id, reqs)
-        outs = super().prefill(batch_id, reqs)
-        self.prefilling = None
-        return outs
-
-
 class RouterManager:
     def __init__(self, args: ServerArgs, paths: RunPaths, max_total_token_num: int):
         self.args = args
@@ -65,7 +49,7 @@ class RouterManager:
         self.to_http.connect(paths.http_in)
         self._last_stats_time = 0.0
         self._unpublished = True  # something changed since the last RouterStats
-        self.workers = RouterWorkers(paths, ranks_of_node(args))
+        self.workers = WorkerGroup(paths, ranks_of_node(args))
         self.max_total_token_num = max_total_token_num
         self.queue = ReqQueue(
             max_total_token_num=max_total_token_num,
@@ -96,27 +80,8 @@ class RouterManager:
             self._unpublished = True
 
     def fail_batch(self, exc: Exception) -> list[TokenOut]:
-        """Fail every request of the batch a backend call raised for, free its KV, keep serving.
-
-        The router does not look for the one request at fault: a call that raised may have left
-        its batch half-updated in the engine (decode allocates KV and lengthens every sequence
-        before the model runs), so the whole batch is removed, which frees exactly the slots its
-        table rows hold. A failed prefill touched only its new batch, so the running one goes on;
-        any other failed call (decode, filter, pause, merge) fails every running request. If the
-        removal raises too, the engine is beyond repair and the error ends the router (and the
-        server) as before.
-        """
-        if self.workers.prefilling is not None:
-            batch_id, reqs = self.workers.prefilling
-            self.workers.prefilling = None
-            failed = [r.req_id for r in reqs]
-            self.workers.remove(batch_id)
-        else:
-            failed = list(self.scheduler.running)
-            if self.scheduler.batch_id is not None:
-                self.workers.remove(self.scheduler.batch_id)
-            self.scheduler.running.clear()
-            self.scheduler.batch_id = None
+        """The requests of the backend call that raised end with an error; the router serves on."""
+        failed = self.scheduler.fail_step()
         # rpyc appends the remote traceback to the message: its first line is the error itself.
         logger.error("router: backend call failed (%s: %s); failed %d request(s): %s", type(exc).__name__,
                      str(exc).partition("\n")[0], len(failed), failed)

@@ -53,6 +53,7 @@ class Scheduler:
         self._steps_since_admission = 0
         self._aborted: set[int] = set()
         self._queue_times: list[float] = []
+        self._prefilling: Optional[tuple[int, list[int]]] = None  # (batch id, request ids) in flight
 
     # ---- inputs ------------------------------------------------------------------------------
     def add(self, req: GenerateReq) -> None:
@@ -79,6 +80,7 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[TokenOut]:
+        self._prefilling = None
         self._drop_aborted()
         new_reqs = self._admit()
         if new_reqs:
@@ -103,7 +105,9 @@ class Scheduler:
 
     def _prefill(self, reqs: list[GenerateReq]) -> list[TokenOut]:
         new_id = next(self._batch_ids)
+        self._prefilling = (new_id, [r.req_id for r in reqs])
         outs = self.backend.prefill(new_id, reqs)
+        self._prefilling = None
         now = time.time()
         for r in reqs:
             self.running[r.req_id] = RunningReq(r, len(r.output_ids))
@@ -149,3 +153,26 @@ class Scheduler:
         if not self.running and self.batch_id is not None:
             self.backend.remove(self.batch_id)
             self.batch_id = None
+
+    # ---- recovery ----------------------------------------------------------------------------
+    def fail_step(self) -> list[int]:
+        """After a backend call of `step()` raised: drop the requests it concerned, free their
+        KV on the backend, and return their ids (the caller tells their clients).
+
+        No search for the one request at fault. A failed prefill touched only its new batch, so
+        the running batch goes on. Any other failed call (decode, filter, pause, merge) may have
+        left the running batch half-updated on the backend (decode allocates KV and lengthens
+        every sequence before the model runs), so every running request fails with it. If the
+        removal raises too, the backend is beyond repair and the error propagates.
+        """
+        if self._prefilling is not None:
+            batch_id, failed = self._prefilling
+            self._prefilling = None
+            self.backend.remove(batch_id)
+            return failed
+        failed = list(self.running)
+        self.running.clear()
+        if self.batch_id is not None:
+            self.backend.remove(self.batch_id)
+            self.batch_id = None
+        return failed
