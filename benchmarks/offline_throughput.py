@@ -64,28 +64,37 @@ def bench_engine(engine: ModelEngine, prompts: list[list[int]], steps: int) -> t
     return sum(map(len, prompts)) / prefill_s, len(prompts) / step, times
 
 
+class _StepClock(transformers.LogitsProcessor):
+    """Stamps the time of every generation step: `generate` calls its logits processors once
+    per step, right after the step's forward, so consecutive stamps are step times."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def bench_hf(model, prompts: list[list[int]], steps: int, pad_id: int) -> tuple[float, float]:
+    """transformers' static-batch `generate`: (prefill tok/s, median-step decode tok/s)."""
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding, as batched generation needs
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad_id, eos_token_id=None)
     with torch.no_grad():
         model.generate(ids[:, -8:], max_new_tokens=2, attention_mask=mask[:, -8:].clamp(min=1), do_sample=False,
                        pad_token_id=pad_id)  # warm-up: first calls pay one-off set-up costs
-        prefill_s = min(_timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)) for _ in range(2))
+        clock = _StepClock()
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
-        total_s = time.perf_counter() - t0
-    return sum(map(len, prompts)) / prefill_s, len(prompts) * steps / max(total_s - prefill_s, 1e-9)
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id, eos_token_id=None,
+                       max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                       logits_processor=transformers.LogitsProcessorList([clock]))
+    prefill_s = clock.stamps[0] - t0
+    step_times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return sum(map(len, prompts)) / prefill_s, len(prompts) / statistics.median(step_times)
 
 
 def time_op(fn, reps: int = 5) -> float:
