@@ -15,6 +15,7 @@ from lightserve.router.scheduler import Scheduler
 from lightserve.router.worker_client import WorkerGroup
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
+from lightserve.utils.inbox import drain
 from lightserve.utils.process import run_child
 from lightserve.utils.run_paths import RunPaths
 
@@ -40,7 +41,7 @@ def raised_by_backend(exc: BaseException) -> bool:
 class RouterManager:
     def __init__(self, args: ServerArgs, paths: RunPaths, max_total_token_num: int):
         self.args = args
-        ctx = zmq.Context()
+        self.ctx = ctx = zmq.Context()
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.bind(paths.router_in)
         self.to_detok = ctx.socket(zmq.PUSH)
@@ -60,6 +61,11 @@ class RouterManager:
             max_req_total_len=args.max_req_total_len,
         )
         self.scheduler = Scheduler(self.queue, self.workers, args.router_max_wait_tokens, max_total_token_num)
+
+    def close(self) -> None:
+        """Drop the links (messages not yet delivered are discarded: nobody is left to read them)."""
+        self.workers.close()
+        self.ctx.destroy(linger=0)
 
     def loop(self) -> None:
         while True:
@@ -107,13 +113,7 @@ class RouterManager:
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""
-        flags = 0 if block else zmq.NOBLOCK
-        while True:
-            try:
-                msg = serde.loads(self.inbox.recv(flags))
-            except zmq.Again:
-                return
-            flags = zmq.NOBLOCK
+        for msg in drain(self.inbox, block):
             self._unpublished = True
             if isinstance(msg, GenerateReq):
                 self.add_request(msg)

@@ -31,6 +31,7 @@ from lightserve.cache_manager.client import CacheClient
 from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, TokenOut
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
+from lightserve.utils.inbox import drain
 from lightserve.utils.process import run_child
 from lightserve.utils.run_paths import RunPaths
 from lightserve.visual.encoder import VisionEncoder, load_image
@@ -61,13 +62,7 @@ class VisualManager:
                 self.step()
 
     def receive(self, block: bool) -> None:
-        flags = 0 if block else zmq.NOBLOCK
-        while True:
-            try:
-                msg = serde.loads(self.inbox.recv(flags))
-            except zmq.Again:
-                return
-            flags = zmq.NOBLOCK
+        for msg in drain(self.inbox, block):
             if isinstance(msg, GenerateReq):
                 self.pending[msg.req_id] = msg
             elif isinstance(msg, AbortReq):
