@@ -32,3 +32,20 @@ def tiny_served_model(tmp_path_factory, smollm2_dir) -> Path:
     from tests.model_factory import build_tiny_model_with_tokenizer
 
     return build_tiny_model_with_tokenizer("llama", tmp_path_factory.mktemp("tiny_served") / "llama", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random-weight LLaVA (CLIP tower, projector, SmolLM2-shaped language model)."""
+    from tests.llava_factory import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "llava", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_llava(llava_dir):
+    """transformers' LlavaForConditionalGeneration and processor on `llava_dir`, fp32."""
+    import transformers
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    return model, transformers.AutoProcessor.from_pretrained(llava_dir)

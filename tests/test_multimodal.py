@@ -42,7 +42,7 @@ from lightserve.utils.run_paths import RunPaths
 from lightserve.visual.encoder import VisionSpec
 from lightserve.visual.manager import start_visual_process
 from tests import llava_factory
-from tests.llava_factory import (IMAGE_TOKEN, TOKENS_PER_IMAGE, LlavaRunner, build_tiny_llava, random_image,
+from tests.llava_factory import (IMAGE_TOKEN, TOKENS_PER_IMAGE, LlavaRunner, random_image,
                                  tp_rank_last_logits)
 
 PROMPT = "User: <image>\nWhat is in this picture? Assistant:"
@@ -50,17 +50,6 @@ NEW_TOKENS = 8
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory, smollm2_dir) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "llava", smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(llava_dir):
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
-    return model, transformers.AutoProcessor.from_pretrained(llava_dir)
-
 
 class Pipeline:
     """Cache manager + visual server processes, with the test standing in for their peers."""
@@ -161,13 +150,13 @@ def pipe(llava_dir):
 
 # ---- the LLaVA language model through lightserve ------------------------------------------------
 
-def hf_generate(hf, prompt: str, images: list[bytes], steps: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
+def hf_generate(hf_llava, prompt: str, images: list[bytes], steps: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
     """(expanded prompt ids, generated ids) from transformers."""
-    return llava_factory.hf_generate(hf, prompt, images, steps)
+    return llava_factory.hf_generate(hf_llava, prompt, images, steps)
 
 
-def hf_image_features(hf, image: bytes) -> torch.Tensor:
-    model, processor = hf
+def hf_image_features(hf_llava, image: bytes) -> torch.Tensor:
+    model, processor = hf_llava
     pixels = processor.image_processor(images=[Image.open(io.BytesIO(image))], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
@@ -180,16 +169,16 @@ def runner(llava_dir) -> LlavaRunner:
     return LlavaRunner(llava_dir)
 
 
-def check_stored_embedding(pipe: Pipeline, hf, req: GenerateReq, images: list[bytes]) -> None:
+def check_stored_embedding(pipe: Pipeline, hf_llava, req: GenerateReq, images: list[bytes]) -> None:
     for item, image in zip(req.images, images):
         stored = read_embedding(pipe.prefix, item.record_id, item.token_num, 64)
-        torch.testing.assert_close(stored, hf_image_features(hf, image), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stored, hf_image_features(hf_llava, image), atol=1e-5, rtol=1e-5)
 
 
 # ---- tests ------------------------------------------------------------------------------------
 
-def test_prompt_expansion_matches_the_processor(hf):
-    _, processor = hf
+def test_prompt_expansion_matches_the_processor(hf_llava):
+    _, processor = hf_llava
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     prompt = "A <image> and B <image>\nsame?"
@@ -201,17 +190,17 @@ def test_prompt_expansion_matches_the_processor(hf):
         assert ids[s - 1] != image_id and ids[s : s + TOKENS_PER_IMAGE] == [image_id] * TOKENS_PER_IMAGE
 
 
-def test_greedy_output_matches_transformers_generate(pipe, hf, runner):
+def test_greedy_output_matches_transformers_generate(pipe, hf_llava, runner):
     image = random_image(1, 64, 48)
     req = pipe.submit(PROMPT, [image])
     (fwd,) = pipe.forwarded(1)
     assert fwd == req
-    expected_prompt, expected = hf_generate(hf, PROMPT, [image])
+    expected_prompt, expected = hf_generate(hf_llava, PROMPT, [image])
     assert fwd.prompt_ids == expected_prompt
-    check_stored_embedding(pipe, hf, fwd, [image])
+    check_stored_embedding(pipe, hf_llava, fwd, [image])
     assert runner.greedy([fwd], pipe.prefix, NEW_TOKENS)[0] == expected
     # The image matters: the same prompt with another image answers differently.
-    _, other = hf_generate(hf, PROMPT, [random_image(2, 64, 48)])
+    _, other = hf_generate(hf_llava, PROMPT, [random_image(2, 64, 48)])
     assert other != expected
     pipe.release(fwd)
 
@@ -231,7 +220,7 @@ def test_same_image_in_ten_requests_is_encoded_once(pipe):
     assert pipe.refs(reqs[1]) == [0]
 
 
-def test_several_images_in_one_request_are_one_batch(pipe, hf, runner):
+def test_several_images_in_one_request_are_one_batch(pipe, hf_llava, runner):
     images = [random_image(10 + i, 40 + 9 * i, 60 - 5 * i) for i in range(3)]
     prompt = "First <image>, second <image>, third <image>. Which is brightest?"
     before = pipe.cache.stats()
@@ -240,13 +229,13 @@ def test_several_images_in_one_request_are_one_batch(pipe, hf, runner):
     after = pipe.cache.stats()
     assert after["images_encoded"] - before["images_encoded"] == 3
     assert after["encode_batches"] - before["encode_batches"] == 1
-    expected_prompt, expected = hf_generate(hf, prompt, images)
+    expected_prompt, expected = hf_generate(hf_llava, prompt, images)
     assert fwd.prompt_ids == expected_prompt
     assert runner.greedy([fwd], pipe.prefix, NEW_TOKENS)[0] == expected
     pipe.release(fwd)
 
 
-def test_different_images_in_one_batch_all_correct(pipe, hf, runner):
+def test_different_images_in_one_batch_all_correct(pipe, hf_llava, runner):
     # Odd sizes and modes: a 1x1 image, grayscale, RGBA (composited on white by the processor), JPEG.
     images = [random_image(20, 1, 1), random_image(21, 90, 33, mode="L"), random_image(22, 41, 77, mode="RGBA"),
               random_image(23, 64, 64, fmt="JPEG")]
@@ -256,25 +245,25 @@ def test_different_images_in_one_batch_all_correct(pipe, hf, runner):
     assert fwd == reqs
     got = runner.greedy(fwd, pipe.prefix, NEW_TOKENS)  # one packed prefill per step, 4 requests
     for req, prompt, image, tokens in zip(fwd, prompts, images, got):
-        expected_prompt, expected = hf_generate(hf, prompt, [image])
+        expected_prompt, expected = hf_generate(hf_llava, prompt, [image])
         assert req.prompt_ids == expected_prompt
         assert tokens == expected, prompt
     pipe.release(*fwd)
 
 
-def hf_last_logits(hf, prompt: str, images: list[bytes]) -> torch.Tensor:
-    model, processor = hf
+def hf_last_logits(hf_llava, prompt: str, images: list[bytes]) -> torch.Tensor:
+    model, processor = hf_llava
     inputs = processor(images=[Image.open(io.BytesIO(b)) for b in images], text=prompt, return_tensors="pt")
     with torch.no_grad():
         return model(**inputs).logits[0, -1]
 
 
-def test_tensor_parallel_prefill_splices_the_embeddings(pipe, hf, llava_dir):
+def test_tensor_parallel_prefill_splices_the_embeddings(pipe, hf_llava, llava_dir):
     cases = [(PROMPT, [random_image(30, 48, 48)]), ("<image><image> Two?", [random_image(31, 40, 40)] * 2)]
     reqs = [pipe.submit(prompt, images) for prompt, images in cases]
     fwd = sorted(pipe.forwarded(2), key=lambda r: r.req_id)
     assert fwd == reqs
-    expected = torch.stack([hf_last_logits(hf, prompt, images) for prompt, images in cases])
+    expected = torch.stack([hf_last_logits(hf_llava, prompt, images) for prompt, images in cases])
     port = free_port()
     ctx = tmp.get_context("spawn")
     results = ctx.Queue()
@@ -377,11 +366,11 @@ def test_bad_images_are_422(pipe, inputs, prompt, message):
     assert message in err.value.message
 
 
-def test_capacity_two_with_five_images_evicts_and_answers_all(llava_dir, hf):
+def test_capacity_two_with_five_images_evicts_and_answers_all(llava_dir, hf_llava):
     small = Pipeline(llava_dir, capacity=2, limits=ImageLimits(max_images=3))
     try:
         images = [random_image(70 + i, 36 + 5 * i, 40) for i in range(5)]
-        reference = {i: hf_image_features(hf, img) for i, img in enumerate(images)}
+        reference = {i: hf_image_features(hf_llava, img) for i, img in enumerate(images)}
         by_md5: dict[str, int] = {}
         submitted: list[GenerateReq] = []
 

@@ -16,20 +16,15 @@ import http.server
 import json
 import os
 import re
-import signal
 import struct
 import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
-import psutil
 import pytest
 import torch
-import transformers
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.cache_manager import shm
@@ -38,8 +33,8 @@ from lightserve.httpserver.images import fetch_remote
 from lightserve.io_struct import GenerateReq, ImageItem, SamplingParams
 from lightserve.server_args import ServerArgs
 from lightserve.visual.encoder import VisionEncoder, load_image
-from tests.llava_factory import TOKENS_PER_IMAGE, build_tiny_llava, hf_generate, random_image
-from tests.server_harness import ServerProcess
+from tests.llava_factory import TOKENS_PER_IMAGE, hf_generate, random_image
+from tests.server_harness import ServerProcess, assert_stopped_after_child_death, kill_child_mid_stream, shm_of
 
 PROMPT = "User: <image>\nWhat is in this picture? Assistant:"
 QUESTION = "What is in this picture?"
@@ -49,21 +44,6 @@ SERVER_ARGS = ("--enable_multimodal", "--data_type", "float32", "--max_total_tok
 
 
 # ---- fixtures and helpers -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory, smollm2_dir) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava_server") / "llava", smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(llava_dir):
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
-    return model, transformers.AutoProcessor.from_pretrained(llava_dir)
-
-
-def shm_of(run_dir: str) -> list[str]:
-    return list(shm.list_segments(shm.segment_prefix(run_dir)))
-
 
 def _stopped_cleanly(server: ServerProcess, run_dir: str) -> None:
     assert server.stop() == 0
@@ -122,9 +102,9 @@ def png_header_only(width: int, height: int) -> bytes:
 
 # ---- answers --------------------------------------------------------------------------------------
 
-def test_greedy_output_matches_transformers_on_every_tgi_route(server, hf):
+def test_greedy_output_matches_transformers_on_every_tgi_route(server, hf_llava):
     image = random_image(1, 64, 48)
-    _, expected = hf_generate(hf, PROMPT, [image], NEW_TOKENS)
+    _, expected = hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)
     assert generated_ids(server, PROMPT, [image]) == expected
     assert stream_ids(server, "/generate_stream", tgi_body(PROMPT, [image])) == expected
     r = httpx.post(server.url + "/", json=tgi_body(PROMPT, [image]), timeout=120)
@@ -136,32 +116,32 @@ def test_greedy_output_matches_transformers_on_every_tgi_route(server, hf):
     assert generated_ids(server, PROMPT, [random_image(2, 64, 48)]) != expected
 
 
-def test_same_image_in_ten_requests_is_encoded_once(server, hf):
+def test_same_image_in_ten_requests_is_encoded_once(server, hf_llava):
     image = random_image(3, 50, 50)
     before = metric(server, "lightserve_images_encoded_total")
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: generated_ids(server, PROMPT, [image]), range(10)))
     assert metric(server, "lightserve_images_encoded_total") - before == 1
-    assert answers == [hf_generate(hf, PROMPT, [image], NEW_TOKENS)[1]] * 10
+    assert answers == [hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)[1]] * 10
 
 
-def test_five_distinct_images_through_a_cache_of_two_all_answer(server, hf):
+def test_five_distinct_images_through_a_cache_of_two_all_answer(server, hf_llava):
     images = [random_image(10 + i, 40 + 4 * i, 44) for i in range(5)]
     evictions = metric(server, "lightserve_image_cache_evictions_total")
     with ThreadPoolExecutor(5) as pool:
         answers = list(pool.map(lambda image: generated_ids(server, PROMPT, [image]), images))
-    assert answers == [hf_generate(hf, PROMPT, [image], NEW_TOKENS)[1] for image in images]
+    assert answers == [hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)[1] for image in images]
     assert metric(server, "lightserve_image_cache_evictions_total") - evictions >= 3
     assert metric(server, "lightserve_image_cache_records") <= 2
 
 
-def test_openai_chat_with_an_image_url_answers_the_same_tokens(server, hf):
+def test_openai_chat_with_an_image_url_answers_the_same_tokens(server, hf_llava):
     image = random_image(4, 48, 40)
-    tokenizer = hf[1].tokenizer
+    tokenizer = hf_llava[1].tokenizer
     # The image part becomes the image tag, joined to the text part with a newline.
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + QUESTION}],
                                              add_generation_prompt=True, tokenize=False)
-    _, expected = hf_generate(hf, rendered, [image], NEW_TOKENS)
+    _, expected = hf_generate(hf_llava, rendered, [image], NEW_TOKENS)
     tgi = httpx.post(server.url + "/generate", json=tgi_body(rendered, [image]), timeout=120).json()
     assert [t["id"] for t in tgi["details"]["tokens"]] == expected
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(image)}},
@@ -241,18 +221,18 @@ def test_remote_images_are_fetched_within_the_size_limit():
 
 
 @pytest.mark.parametrize("width,height,fmt", [(1, 1, "PNG"), (3000, 2000, "JPEG")])
-def test_tiny_and_large_images_answer_correctly(server, hf, width, height, fmt):
+def test_tiny_and_large_images_answer_correctly(server, hf_llava, width, height, fmt):
     image = random_image(7, width, height, fmt=fmt)
-    assert generated_ids(server, PROMPT, [image]) == hf_generate(hf, PROMPT, [image], NEW_TOKENS)[1]
+    assert generated_ids(server, PROMPT, [image]) == hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)[1]
 
 
 # ---- the engine: a paused request keeps its images --------------------------------------------------
 
-def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf):
+def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf_llava):
     """Optimistic admission may pause a request (KV freed) and prefill it again later with the
     tokens it had generated: its image embeddings must be spliced in again."""
     image = random_image(40, 48, 48)
-    prompt_ids, expected = hf_generate(hf, PROMPT, [image], NEW_TOKENS)
+    prompt_ids, expected = hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)
     prefix = f"lightserve_test{os.getpid()}_"
     embedding = VisionEncoder(llava_dir, torch.float32, torch.device("cpu")).encode([load_image(image)])[0].contiguous()
     shm.create(shm.embed_name(prefix, 1), embedding.numel() * 4)
@@ -261,7 +241,7 @@ def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf):
         args = ServerArgs(device="cpu", data_type="float32", attention_backend="torch", max_total_token_num=1000,
                           enable_multimodal=True)
         engine = ModelEngine(args, str(llava_dir), shm_prefix=prefix)
-        image_token = hf[1].tokenizer.convert_tokens_to_ids("<image>")
+        image_token = hf_llava[1].tokenizer.convert_tokens_to_ids("<image>")
         item = ImageItem("md5", 1, prompt_ids.index(image_token), TOKENS_PER_IMAGE)
         req = GenerateReq(0, prompt_ids, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0), images=[item])
         got = [out.token_id for out in engine.prefill(1, [req])]
@@ -282,52 +262,27 @@ def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf):
 
 # ---- tensor parallel --------------------------------------------------------------------------------
 
-def test_tensor_parallel_2_matches_transformers(llava_dir, hf):
+def test_tensor_parallel_2_matches_transformers(llava_dir, hf_llava):
     s = ServerProcess(llava_dir, *SERVER_ARGS, "--tp", "2")
     run_dir = s.run_dir()
     try:
         images = [random_image(20 + i, 56, 40) for i in range(3)]
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda image: generated_ids(s, PROMPT, [image]), images))
-        assert answers == [hf_generate(hf, PROMPT, [image], NEW_TOKENS)[1] for image in images]
+        assert answers == [hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)[1] for image in images]
     finally:
         _stopped_cleanly(s, run_dir)
 
 
 # ---- a child dies ----------------------------------------------------------------------------------
 
-def _child_owning(server: ServerProcess, socket_name: str) -> psutil.Process:
-    """The child process that bound `socket_name` in the run directory."""
-    return next(c for c in server.children
-                if any(conn.laddr.endswith(socket_name) for conn in c.net_connections(kind="unix") if conn.laddr))
-
-
 @pytest.mark.parametrize("child,socket_name", [("visual", "visual.sock"), ("cache_manager", "cache.rpyc")])
 def test_a_killed_multimodal_child_fails_requests_and_stops_the_server_cleanly(llava_dir, child: str, socket_name: str):
     server = ServerProcess(llava_dir, *SERVER_ARGS)
     try:
         run_dir = server.run_dir()
-        victim = _child_owning(server, socket_name)
-        events: list[dict] = []
-        killed_at: Optional[float] = None
         body = tgi_body(PROMPT, [random_image(30, 40, 40)], max_new_tokens=400, ignore_eos=True)
-        with httpx.stream("POST", server.url + "/generate_stream", timeout=60, json=body) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                events.append(json.loads(line[5:]))
-                if len(events) == 3:
-                    victim.send_signal(signal.SIGKILL)
-                    killed_at = time.monotonic()
-        assert "error" in events[-1] and f"{child} died" in events[-1]["error"], events[-1]
-        assert server.proc.wait(10) == 1
-        assert time.monotonic() - killed_at < 10
-        _, alive = psutil.wait_procs(server.children, timeout=5)
-        assert not alive
-        assert not os.path.exists(run_dir)
-        assert shm_of(run_dir) == []
-        log = server.read_log()
-        assert log.count("child process") == 1, log[-2000:]
-        assert f"child process {child} died (exit code -9)" in log
+        events, killed_at = kill_child_mid_stream(server, socket_name, body)
+        assert_stopped_after_child_death(server, run_dir, child, events, killed_at)
     finally:
         server.stop()

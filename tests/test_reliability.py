@@ -37,7 +37,6 @@ from transformers import AutoTokenizer
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.worker import RPYC_CONFIG, ModelWorkerService, RankRunner
-from lightserve.cache_manager import shm
 from lightserve.httpserver.app import build_app
 from lightserve.httpserver.manager import HttpServerManager
 from lightserve.io_struct import BatchTokenOut, GenerateReq, SamplingParams, TokenOut
@@ -45,7 +44,7 @@ from lightserve.router.manager import BATCH_FAILED, RouterManager
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
-from tests.server_harness import ServerProcess
+from tests.server_harness import ServerProcess, assert_stopped_after_child_death, kill_child_mid_stream, shm_of
 from tests.test_server_e2e import metric, wait_pool_free
 
 POOL = 2000
@@ -58,12 +57,6 @@ LOAD_FLAGS = ("--data_type", "float32", "--max_total_token_num", str(POOL), "--m
 def load_server(tiny_served_model):
     with ServerProcess(tiny_served_model, *LOAD_FLAGS) as server:
         yield server
-
-
-def shm_of(run_dir: str) -> list[str]:
-    """The shared-memory segments of the instance with this run directory (other instances on the
-    host, e.g. other test runs, have their own)."""
-    return list(shm.list_segments(shm.segment_prefix(run_dir)))
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -222,12 +215,6 @@ def test_fail_all_turns_health_503_and_ends_running_streams_with_an_error(tiny_s
         paths.remove()
 
 
-def _child_owning(server: ServerProcess, socket_name: str) -> psutil.Process:
-    """The child process that bound `socket_name` in the run directory."""
-    return next(c for c in server.children
-                if any(conn.laddr.endswith(socket_name) for conn in c.net_connections(kind="unix") if conn.laddr))
-
-
 @pytest.mark.parametrize("child,socket_name", [
     ("backend-rank0", "worker0.rpyc"), ("router", "router.sock"), ("detokenization", "detok.sock"),
 ])
@@ -237,35 +224,17 @@ def test_a_killed_child_fails_requests_and_stops_the_server_cleanly(tiny_served_
                            "--log_level", "warning")
     try:
         run_dir = server.run_dir()
-        victim = _child_owning(server, socket_name)
-        events, killed_at, health = [], None, []
-        with httpx.stream("POST", server.url + "/generate_stream", timeout=30, json={
-                "inputs": "Hello", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                events.append(json.loads(line[5:]))
-                if len(events) == 3:
-                    victim.send_signal(signal.SIGKILL)
-                    killed_at = time.monotonic()
-        # The stream ended with an error event, and from then on /health says 503 (until it closes).
-        assert "error" in events[-1] and f"{child} died" in events[-1]["error"], events[-1]
-        assert all("token" in e for e in events[:-1])
+        events, killed_at = kill_child_mid_stream(server, socket_name, {
+            "inputs": "Hello", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}})
+        # From the death on, /health says 503 (until the server closes).
+        health = []
         for _ in range(3):
             try:
                 health.append(httpx.get(server.url + "/health", timeout=2).status_code)
             except httpx.TransportError:
                 break
         assert set(health) <= {503}
-        assert server.proc.wait(10) == 1
-        assert time.monotonic() - killed_at < 10
-        _, alive = psutil.wait_procs(server.children, timeout=5)
-        assert not alive
-        assert not os.path.exists(run_dir)
-        assert shm_of(run_dir) == []
-        log = server.read_log()
-        assert log.count("child process") == 1 and f"child process {child} died" in log, log[-2000:]
-        assert f"child process {child} died (exit code -9)" in log
+        assert_stopped_after_child_death(server, run_dir, child, events, killed_at)
     finally:
         server.stop()
 
@@ -378,6 +347,7 @@ class RouterOverEngine:
         return stats["kv_free"] == stats["kv_total"] and stats["running_reqs"] == 0
 
     def close(self) -> None:
+        self.router.close()
         self.rpyc_server.close()
         self.ctx.destroy(linger=0)
 
