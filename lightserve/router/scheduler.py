@@ -54,6 +54,7 @@ class Scheduler:
         self._aborted: set[int] = set()
         self._queue_times: list[float] = []
         self._prefilling: Optional[tuple[int, list[int]]] = None  # (batch id, request ids) in flight
+        self._unmerged: Optional[int] = None  # a prefilled batch whose merge is in flight
 
     # ---- inputs ------------------------------------------------------------------------------
     def add(self, req: GenerateReq) -> None:
@@ -80,7 +81,7 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[TokenOut]:
-        self._prefilling = None
+        self._prefilling = self._unmerged = None
         self._drop_aborted()
         new_reqs = self._admit()
         if new_reqs:
@@ -115,7 +116,9 @@ class Scheduler:
         if self.batch_id is None:
             self.batch_id = new_id
         else:
+            self._unmerged = new_id
             self.backend.merge(self.batch_id, new_id)
+            self._unmerged = None
         return outs
 
     def _account(self, outs: list[TokenOut]) -> None:
@@ -172,7 +175,10 @@ class Scheduler:
             return failed
         failed = list(self.running)
         self.running.clear()
-        if self.batch_id is not None:
-            self.backend.remove(self.batch_id)
-            self.batch_id = None
+        # A merge that raised may have left the new batch registered on its own (removing a
+        # batch the backend no longer has is a no-op).
+        for batch_id in (self.batch_id, self._unmerged):
+            if batch_id is not None:
+                self.backend.remove(batch_id)
+        self.batch_id = self._unmerged = None
         return failed
