@@ -39,244 +39,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from lightserve.backend.sampling.penalties import PenaltyState
+from lightserve.backend.sampling.rng import seed_keys, uniforms
+from lightserve.backend.sampling.workspace import Workspace, buffer
 from lightserve.io_struct import SamplingParams
-
-# ---------------------------------------------------------------------------------------------
-# Counter-based random numbers
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_int64(c: int) -> int:
-    """The signed int64 with the same bits as the unsigned 64-bit constant `c`."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_GOLDEN_GAMMA = _as_int64(0x9E3779B97F4A7C15)  # SplitMix64's state increment
-_MIX_MUL1 = _as_int64(0xBF58476D1CE4E5B9)
-_MIX_MUL2 = _as_int64(0x94D049BB133111EB)
-
-
-def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's `>>` is arithmetic, so mask the sign copies)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser on an int64 tensor: a bijective hash of 64-bit words.
-
-    int64 multiplication in torch wraps modulo 2^64, which gives the same bits as the unsigned
-    original; the tests check this against Python integers.
-    """
-    z = (z ^ _shift_right(z, 30)) * _MIX_MUL1
-    z = (z ^ _shift_right(z, 27)) * _MIX_MUL2
-    return z ^ _shift_right(z, 31)
-
-
-def seed_keys(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-request stream keys (int64) from seeds in [0, 2^63)."""
-    return mix64(torch.tensor(list(seeds), dtype=torch.int64, device=device))
-
-
-def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in (0, 1): output number `steps + 1` of SplitMix64 seeded with `keys`.
-
-    23 random bits, so that `k + 0.5` is exact in float32 and the value never reaches 0 or 1.
-    """
-    bits = _shift_right(mix64(keys + (steps + 1) * _GOLDEN_GAMMA), 41)
-    return (bits.to(torch.float32) + 0.5) * 2.0**-23
-
-
-# ---------------------------------------------------------------------------------------------
-# Scratch memory
-# ---------------------------------------------------------------------------------------------
-
-
-class Workspace:
-    """[rows, V] scratch tensors kept from one step to the next.
-
-    On the CPU a fresh tensor of this size (12 MB at B=64, V=49152) is handed back to the OS when
-    freed and page-faulted in again on the next step, which costs more than the arithmetic on it
-    (measured: 26 vs 11 ms per temperature-sampling step). A running batch keeps its shapes from
-    step to step, so it keeps its buffers; a new batch (filter, merge) starts a new workspace.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, like: torch.Tensor, rows: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Buffer `name` of shape [rows, like.shape[1]] (dtype of `like` unless given), contents
-        undefined. Names must not be in use twice at once."""
-        shape = (rows, like.shape[1])
-        dtype = dtype if dtype is not None else like.dtype
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
-            buf = torch.empty(shape, dtype=dtype, device=like.device)
-            self._buffers[name] = buf
-        return buf
-
-
-def _buffer(
-    ws: Optional[Workspace], name: str, like: torch.Tensor, rows: int, dtype: Optional[torch.dtype] = None
-) -> torch.Tensor:
-    """A workspace buffer, or a fresh tensor without a workspace."""
-    if ws is None:
-        return torch.empty((rows, like.shape[1]), dtype=dtype if dtype is not None else like.dtype, device=like.device)
-    return ws.take(name, like, rows, dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Penalties
-# ---------------------------------------------------------------------------------------------
-
-
-def _scatter_rows(
-    n_rows: int, ids: Sequence[Sequence[int]], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) index pairs of ragged per-row id lists, for one index_put_."""
-    rows = torch.repeat_interleave(torch.arange(n_rows), torch.tensor([len(r) for r in ids], dtype=torch.int64))
-    cols = torch.tensor([t for r in ids for t in r], dtype=torch.int64)
-    return rows.to(device), cols.to(device)
-
-
-@dataclass
-class PenaltyState:
-    """History of a batch for the penalties; exists only while some row uses a penalty.
-
-    Rows whose penalties are neutral (repetition 1, presence and frequency 0) change nothing,
-    whatever their history; merged in from a batch without a state they start with none (zeros),
-    since their settings never change and their history is never needed.
-    """
-
-    counts: torch.Tensor  # int32 [B, V]: times each token was generated
-    seen: torch.Tensor  # bool [B, V]: token is in the prompt or was generated (repetition penalty)
-    # float32 [B, V]: frequency * count + presence * (count > 0), kept up to date in `update`, so
-    # applying presence/frequency costs one subtraction; None when no row uses them.
-    bias: Optional[torch.Tensor]
-    repetition: torch.Tensor  # float32 [B]
-    presence: torch.Tensor  # float32 [B]
-    frequency: torch.Tensor  # float32 [B]
-    any_repetition: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.any_repetition = bool((self.repetition != 1.0).any())
-
-    @staticmethod
-    def uses_penalty(p: SamplingParams) -> bool:
-        """Whether a request needs a penalty state at all."""
-        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-    @classmethod
-    def build(
-        cls,
-        params: Sequence[SamplingParams],
-        prompt_ids: Sequence[Sequence[int]],
-        output_ids: Sequence[Sequence[int]],
-        vocab_size: int,
-        device: torch.device | str,
-    ) -> Optional["PenaltyState"]:
-        """State for new requests, or None when none of them uses a penalty.
-
-        `output_ids` are tokens already generated (a paused request coming back), else empty lists.
-        """
-        if not any(cls.uses_penalty(p) for p in params):
-            return None
-        b = len(params)
-        counts = torch.zeros(b, vocab_size, dtype=torch.int32, device=device)
-        one = torch.ones((), dtype=torch.int32, device=device)
-        counts.index_put_(_scatter_rows(b, output_ids, device), one, accumulate=True)
-        seen = counts > 0
-        seen[_scatter_rows(b, prompt_ids, device)] = True
-
-        def column(name: str) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32, device=device)
-
-        presence, frequency = column("presence_penalty"), column("frequency_penalty")
-        bias = None
-        if bool((presence != 0).any() or (frequency != 0).any()):
-            bias = counts * frequency[:, None] + (counts > 0) * presence[:, None]
-        return cls(counts, seen, bias, column("repetition_penalty"), presence, frequency)
-
-    @classmethod
-    def neutral(cls, n: int, vocab_size: int, with_bias: bool, device: torch.device | str) -> "PenaltyState":
-        """Rows that use no penalty, to merge with rows that do."""
-        zeros = torch.zeros(n, dtype=torch.float32, device=device)
-        bias = torch.zeros(n, vocab_size, dtype=torch.float32, device=device) if with_bias else None
-        return cls(
-            torch.zeros(n, vocab_size, dtype=torch.int32, device=device),
-            torch.zeros(n, vocab_size, dtype=torch.bool, device=device),
-            bias,
-            torch.ones(n, dtype=torch.float32, device=device),
-            zeros,
-            zeros.clone(),
-        )
-
-    def apply(self, logits: torch.Tensor, ws: Optional[Workspace] = None) -> torch.Tensor:
-        """Penalised copy of `logits` [B, V] (a workspace buffer when `ws` is given); neutral rows
-        come out bit-identical."""
-        rows = logits.shape[0]
-        out = _buffer(ws, "penalised", logits, rows)
-        if self.any_repetition:
-            # transformers' RepetitionPenaltyLogitsProcessor, written into buffers:
-            # where(seen, where(x < 0, x * p, x / p), x).
-            rep = self.repetition[:, None]
-            shrunk = torch.mul(logits, rep, out=_buffer(ws, "penalty_scratch", logits, rows))
-            torch.div(logits, rep, out=out)
-            negative = torch.lt(logits, 0, out=_buffer(ws, "penalty_mask", logits, rows, torch.bool))
-            torch.where(negative, shrunk, out, out=out)
-            torch.where(self.seen, out, logits, out=out)
-            if self.bias is not None:
-                out.sub_(self.bias)
-        else:  # a state exists only while some row uses a penalty, so this one has a bias
-            torch.sub(logits, self.bias, out=out)
-        return out
-
-    def update(self, next_ids: torch.Tensor) -> None:
-        """Record one generated token per row."""
-        rows = torch.arange(next_ids.numel(), device=next_ids.device)
-        new_counts = self.counts[rows, next_ids] + 1
-        self.counts[rows, next_ids] = new_counts
-        self.seen[rows, next_ids] = True
-        if self.bias is not None:
-            self.bias[rows, next_ids] = new_counts * self.frequency + self.presence
-
-    def filter(self, keep: torch.Tensor) -> Optional["PenaltyState"]:
-        """Rows `keep` (int64 indices, in that order); None when none of them uses a penalty."""
-        rep, pres, freq = self.repetition[keep], self.presence[keep], self.frequency[keep]
-        if not bool(((rep != 1) | (pres != 0) | (freq != 0)).any()):
-            return None
-        bias = None
-        if self.bias is not None and bool(((pres != 0) | (freq != 0)).any()):
-            bias = self.bias[keep]
-        return PenaltyState(self.counts[keep], self.seen[keep], bias, rep, pres, freq)
-
-    @staticmethod
-    def merge(
-        a: Optional["PenaltyState"],
-        b: Optional["PenaltyState"],
-        rows_a: int,
-        rows_b: int,
-        vocab_size: int,
-        device: torch.device | str,
-    ) -> Optional["PenaltyState"]:
-        """Rows of `a` then rows of `b`; a missing side is filled with neutral rows."""
-        if a is None and b is None:
-            return None
-        with_bias = any(s is not None and s.bias is not None for s in (a, b))
-        a = a if a is not None else PenaltyState.neutral(rows_a, vocab_size, with_bias, device)
-        b = b if b is not None else PenaltyState.neutral(rows_b, vocab_size, with_bias, device)
-
-        def bias_of(s: PenaltyState) -> torch.Tensor:
-            return s.bias if s.bias is not None else torch.zeros_like(s.counts, dtype=torch.float32)
-
-        return PenaltyState(
-            torch.cat([a.counts, b.counts]),
-            torch.cat([a.seen, b.seen]),
-            torch.cat([bias_of(a), bias_of(b)]) if with_bias else None,
-            torch.cat([a.repetition, b.repetition]),
-            torch.cat([a.presence, b.presence]),
-            torch.cat([a.frequency, b.frequency]),
-        )
-
 
 # ---------------------------------------------------------------------------------------------
 # Per-batch settings
@@ -405,9 +171,9 @@ def _nucleus_floor(
     """
     n = shifted.shape[0]
     # -32 * shifted: the distance below the row maximum in buckets (a power-of-two scaling: exact).
-    distance = torch.mul(shifted, -_BUCKETS_PER_NAT, out=_buffer(ws, "scratch", shifted, n))
+    distance = torch.mul(shifted, -_BUCKETS_PER_NAT, out=buffer(ws, "scratch", shifted, n))
     distance.clamp_(max=_NUM_BUCKETS - 1)
-    bucket = _buffer(ws, "bucket", shifted, n, torch.int64)
+    bucket = buffer(ws, "bucket", shifted, n, torch.int64)
     bucket.copy_(distance)  # truncation = floor for these non-negative values
     # Tokens already cut (weight 0) add no mass. In the crossing bucket they sort after every kept
     # token (they lie below the top-k value), so at worst the floor lands on one of them when the
@@ -422,7 +188,7 @@ def _nucleus_floor(
     # The crossing bucket's tokens, few per row: compact them (rows ascending, then tokens
     # ascending) and order each row by decreasing value; among equal values the order stays by
     # token id, so the running sums below never depend on how a sort breaks ties.
-    in_crossing = torch.eq(bucket, crossing, out=_buffer(ws, "mask", shifted, n, torch.bool))
+    in_crossing = torch.eq(bucket, crossing, out=buffer(ws, "mask", shifted, n, torch.bool))
     row, token = in_crossing.nonzero(as_tuple=True)
     order = torch.sort(shifted[row, token], descending=True, stable=True).indices
     order = order[torch.sort(row[order], stable=True).indices]
@@ -485,14 +251,14 @@ def sampling_weights(
     # exp of an input below -87 (a float32 result under the smallest normal number) takes a slow
     # path on this CPU, 10-30x slower; clamped, such tokens keep a weight of ~1e-38, which no draw
     # can land on (the draw point is at least 2^-24 of the total).
-    weights = torch.clamp(shifted, min=_EXP_FLOOR, out=_buffer(ws, "weights", shifted, n)).exp_()
+    weights = torch.clamp(shifted, min=_EXP_FLOOR, out=buffer(ws, "weights", shifted, n)).exp_()
     floor = shifted.new_full((n,), float("-inf"))  # top-p floor per row
     pending = top_p < 1 if any_top_p else None  # rows whose floor is still to be found
     if max_top_k > 0:
         # One candidate past the largest k, to see whether a tie runs past a row's k-th value.
         values, ids = torch.topk(shifted, min(max_top_k + 1, vocab), dim=1)
         kth = values.gather(1, (top_k - 1).clamp(min=0)[:, None]).masked_fill_(top_k[:, None] <= 0, float("-inf"))
-        weights.masked_fill_(torch.lt(shifted, kth, out=_buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
+        weights.masked_fill_(torch.lt(shifted, kth, out=buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
         if pending is not None:
             in_top_k, usable = _nucleus_floor_in_top_k(values, weights.gather(1, ids), top_k, top_p)
             done = pending & (top_k > 0) & usable
@@ -504,7 +270,7 @@ def sampling_weights(
             floor = _nucleus_floor(shifted, weights, top_p, ws)
         elif rows.numel():  # a few rows: plain allocations, the workspace holds [n, V] shapes
             floor[rows] = _nucleus_floor(shifted[rows], weights[rows], top_p[rows])
-        weights.masked_fill_(torch.lt(shifted, floor[:, None], out=_buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
+        weights.masked_fill_(torch.lt(shifted, floor[:, None], out=buffer(ws, "mask", shifted, n, torch.bool)), 0.0)
     return weights
 
 
