@@ -21,6 +21,13 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # client gone, error or shutdown
 
 
+# The sampler divides positive logits by the repetition penalty in float32: a tiny penalty
+# (1e-40, or 5e-324 which float32 rounds to 0) overflows them to inf and poisons the whole batch.
+# Below 0.01 a penalty means nothing useful anyway.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 10.0
+
+
 @dataclass
 class SamplingParams:
     """How to pick the next tokens of one request.
@@ -59,8 +66,8 @@ class SamplingParams:
             fail("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             fail("top_k", "must be -1 (disabled) or a non-negative integer")
-        if not (0.0 < self.repetition_penalty <= 10.0):
-            fail("repetition_penalty", "must be in (0, 10]")
+        if not (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            fail("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}]")
         if not (-2.0 <= self.presence_penalty <= 2.0):
             fail("presence_penalty", "must be in [-2, 2]")
         if not (-2.0 <= self.frequency_penalty <= 2.0):

@@ -22,7 +22,8 @@ from pydantic.json_schema import models_json_schema
 
 from lightserve.httpserver import openai_params, tgi_params
 from lightserve.httpserver.openai_params import MAX_CHOICES, MAX_TOP_LOGPROBS, ChatCompletionRequest, CompletionRequest
-from lightserve.httpserver.params import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, MIN_REPETITION_PENALTY, token_limit
+from lightserve.httpserver.params import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, token_limit
+from lightserve.io_struct import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 from lightserve.httpserver.tgi_params import TGIRequest
 from lightserve.server_args import ServerArgs
 
@@ -36,7 +37,7 @@ SAMPLING_RANGES: dict[str, Schema] = {
     "temperature": {"minimum": 0, "maximum": 100},
     "top_p": {"exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"minimum": -1},
-    "repetition_penalty": {"minimum": MIN_REPETITION_PENALTY, "maximum": 10},
+    "repetition_penalty": {"minimum": MIN_REPETITION_PENALTY, "maximum": MAX_REPETITION_PENALTY},
     "presence_penalty": {"minimum": -2, "maximum": 2},
     "frequency_penalty": {"minimum": -2, "maximum": 2},
     "seed": {"minimum": 0, "maximum": 2**63 - 1},

@@ -25,11 +25,6 @@ from lightserve.server_args import ServerArgs
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256  # characters
 
-# The sampler divides positive logits by the repetition penalty in float32: a tiny penalty
-# (1e-40, or 5e-324 which float32 rounds to 0) overflows them to inf and poisons the whole batch.
-# Below 0.01 a penalty means nothing useful anyway.
-MIN_REPETITION_PENALTY = 0.01
-
 # Pydantic reports every problem; a client only needs the first few to fix its request.
 _MAX_REPORTED_ERRORS = 3
 
@@ -163,8 +158,6 @@ def finalize_sampling(sampling: SamplingParams) -> SamplingParams:
         # The message starts with the field name in backticks: "`top_p` must be in (0, 1]".
         param = message.split("`")[1] if message.startswith("`") else None
         raise validation_error(message, param) from None
-    if sampling.repetition_penalty < MIN_REPETITION_PENALTY:
-        raise validation_error(f"`repetition_penalty` must be at least {MIN_REPETITION_PENALTY}", "repetition_penalty")
     if not sampling.is_greedy and sampling.seed is None:
         sampling.seed = secrets.randbits(63)
     return sampling
