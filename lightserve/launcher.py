@@ -2,9 +2,9 @@
 
 Order: with --enable_multimodal the cache manager first (the visual server and the httpserver
 connect to it); then backend ranks, the detokenizer and the visual server together (the ranks
-report the KV pool size), then the router, then the HTTP server runs in this process. Any child that fails to start
-stops everything with that child's error; any child that dies later turns /health to 503,
-fails the requests in flight and shuts the server down.
+report the KV pool size), then the router, then the HTTP server runs in this process. Any
+child that fails to start stops everything with that child's error; any child that dies later
+turns /health to 503, fails the requests in flight and shuts the server down.
 """
 
 from __future__ import annotations
