@@ -256,7 +256,7 @@ def test_build_is_cached_and_safe_under_concurrency(tmp_path):
         output = proc.communicate(timeout=120)[0]
         assert "available True True" in output, output
     (built,) = (tmp_path / "kernels").iterdir()
-    assert built.name.startswith("token_attention-") and built.suffix == ".so"
+    assert built.name.startswith("cpu_kernels-") and built.suffix == ".so"
     mtime = built.stat().st_mtime_ns
     output = _probe(tmp_path).communicate(timeout=120)[0]
     assert "available True True" in output, output
@@ -301,4 +301,4 @@ def test_wrapper_raises_when_unavailable(tmp_path):
     env = dict(os.environ, LIGHTSERVE_HOME=str(tmp_path / "home"), PATH=str(tmp_path))
     output = subprocess.run([sys.executable, "-c", script], env=env, text=True, capture_output=True,
                             timeout=120).stdout
-    assert "raised CPU attention kernels unavailable" in output, output
+    assert "raised CPU kernels unavailable" in output, output

@@ -5,8 +5,9 @@ returns the attention output. `begin_step` runs once per forward pass so that wo
 all layers (gather indices, masks) is not repeated per layer.
 
 - `torch`: plain PyTorch, works on any device. Decode gathers K/V through the token table.
-- `cpu_native`: decode reads K/V through the token table in place with a small C kernel
-  (see `cpu_kernels`); prefill as `torch`. Chosen by `auto` on CPU when the kernel compiles.
+- `cpu_native`: decode reads K/V through the token table in place with a small C kernel,
+  and the layer's small ops (RMSNorm, rotary, SiLU, KV write) are C kernels too (see
+  `cpu_kernels`); prefill attention as `torch`. Chosen by `auto` on CPU when the kernel compiles.
 - `triton`: Triton kernels; chosen by `auto` on CUDA.
 """
 
@@ -81,13 +82,14 @@ class CpuNativeAttention(TorchAttention):
         from lightserve.backend import cpu_kernels
 
         self._kernels = cpu_kernels
+        self.ops = cpu_kernels.CpuOps  # the small layer ops in C too
 
     def begin_step(self, state: ForwardState) -> None:
         pass
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
         return self._kernels.token_decode_attention(
-            q.contiguous(), k_cache, v_cache, state.req_to_token, state.b_req_idx, state.b_seq_len, self.scale
+            q, k_cache, v_cache, state.req_to_token, state.b_req_idx, state.b_seq_len, self.scale
         )
 
 

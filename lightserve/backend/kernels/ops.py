@@ -18,10 +18,12 @@ from lightserve.backend.kernels.kv_copy import write_kv
 from lightserve.backend.kernels.rmsnorm import rms_norm
 from lightserve.backend.kernels.rotary import apply_rotary_
 from lightserve.backend.kernels.silu_mul import silu_and_mul
+from lightserve.backend.models.torch_ops import TorchOps
 
 
-class TritonOps:
-    """Namespace of the layer ops (static methods, no state)."""
+class TritonOps(TorchOps):
+    """Namespace of the layer ops (static methods, no state); `add_rms_norm` is TorchOps'
+    residual add followed by this class's `rms_norm`."""
 
     rms_norm = staticmethod(rms_norm)
     rotary = staticmethod(apply_rotary_)

@@ -1,7 +1,7 @@
 """The decoder-layer template and causal-LM shell shared by every model family.
 
 A layer runs: norm -> qkv -> rotary -> write KV -> attention -> o_proj -> all-reduce ->
-norm -> MLP -> all-reduce. Each step is a method (a hook); a family overrides only the hooks
+residual add + norm -> MLP -> all-reduce. Each step is a method (a hook); a family overrides only the hooks
 that differ (e.g. Qwen2 only needs the q/k/v biases, which the weights already carry).
 
 Tensor parallel: q/k/v and gate/up are split by output (column), o_proj and down by input
@@ -76,16 +76,17 @@ class DecoderLayer:
         q, k = self.rotary(q, k, state)
         self.write_kv(k, v, kv, state)
         o = self.attend(q, k, v, kv, state)
-        hidden = hidden + self.tp.all_reduce(self.o_proj(o))
-        x = self.ffn_norm(hidden)
+        hidden, x = self.ffn_norm(hidden, self.tp.all_reduce(self.o_proj(o)))
         return hidden + self.tp.all_reduce(self.ffn(x))
 
     # ---- hooks ---------------------------------------------------------------------------
     def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(hidden, self.w.input_norm, self.cfg.rms_norm_eps)
 
-    def ffn_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(hidden, self.w.post_attention_norm, self.cfg.rms_norm_eps)
+    def ffn_norm(self, hidden: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the attention output to the residual stream (in place) and normalise the sum for
+        the MLP: one fused op where the back end has one."""
+        return self.ops.add_rms_norm(hidden, attn_out, self.w.post_attention_norm, self.cfg.rms_norm_eps)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.w.qkv(x)

@@ -17,9 +17,17 @@ class TorchOps:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
 
+    @classmethod
+    def add_rms_norm(cls, hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add, then RMSNorm of the sum: returns (hidden, normed). `hidden` is
+        updated in place (it is the layer's own residual stream; nobody else holds it)."""
+        hidden += delta
+        return hidden, cls.rms_norm(hidden, weight, eps)
+
     @staticmethod
     def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qk = _adjacent_heads(q, k)
+        qk = adjacent_heads(q, k)
         if qk is None:
             return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # q and k are neighbouring head ranges of one fused qkv row: rotate them in one pass
@@ -38,7 +46,7 @@ class TorchOps:
         v_cache.index_copy_(0, slots, v)
 
 
-def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """A [T, Hq + Hk, D] view over q and k when k's heads directly follow q's in memory."""
     if q.dim() != 3 or q.stride()[1:] != k.stride()[1:] or q.stride(0) != k.stride(0) or q.shape[2] != k.shape[2]:
         return None

@@ -1,0 +1,114 @@
+"""Decode attention over the TokenAttention KV pool, in C (`token_attention.c`)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightserve.backend.cpu_kernels import build
+
+# Status codes returned by the C entry point (enum in token_attention.c).
+_STATUS_MESSAGES = {
+    1: "b_req_idx holds a row outside [0, req_to_token.shape[0])",
+    2: "b_seq_len holds a length outside [1, req_to_token.shape[1]]",
+    3: "req_to_token holds a slot outside [0, k_cache.shape[0]) for an attended position",
+    4: "out of memory for the kernel's per-thread buffers",
+}
+
+
+def _check_rows(name: str, t: torch.Tensor, ndim: int) -> None:
+    """``t`` must be a CPU tensor with contiguous inner dims; the outer stride is free."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if (t.shape[-1] > 1 and t.stride(-1) != 1) or (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
+        raise ValueError(f"{name} must have contiguous inner dims, got strides {t.stride()}")
+
+
+def _check_index(name: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> None:
+    if t.device.type != "cpu" or t.dtype != torch.int32:
+        raise ValueError(f"{name} must be an int32 CPU tensor, got {t.dtype} on {t.device}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def token_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    b_req_idx: torch.Tensor,
+    b_seq_len: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token per request, reading K/V through the token table.
+
+    Args:
+        q: ``[B, Hq, D]`` fp32 or bf16 queries (inner dims contiguous; a row stride from a
+            fused qkv projection is fine).
+        k_cache, v_cache: ``[S, Hkv, D]`` one layer of the KV pool, same dtype as ``q``.
+            ``Hq`` must be a multiple of ``Hkv`` (GQA); query head h uses kv head
+            ``h // (Hq // Hkv)``.
+        req_to_token: int32 ``[R, Lmax]``; row r maps each position of request r to its slot.
+        b_req_idx: int32 ``[B]``, the req_to_token row of each batch entry.
+        b_seq_len: int32 ``[B]``, positions to attend per entry (including the new token),
+            each in ``[1, Lmax]``.
+        scale: softmax scale, usually ``D ** -0.5``.
+        out: optional ``[B, Hq, D]`` output of q's dtype (may be ``q`` itself).
+
+    Returns:
+        ``out`` (or a new tensor) holding the attention output, ``[B, Hq, D]``.
+
+    Raises:
+        RuntimeError: the kernels are unavailable (see :func:`build.unavailable_reason`).
+        ValueError: bad shapes, dtypes, devices or layouts, or an index out of range.
+    """
+    lib = build.require()
+    _check_rows("q", q, 3)
+    _check_rows("k_cache", k_cache, 3)
+    _check_rows("v_cache", v_cache, 3)
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"q must be float32 or bfloat16, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    batch, n_q_heads, head_dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    n_slots, n_kv_heads, kv_dim = k_cache.shape
+    if kv_dim != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and the cache ({kv_dim}) differ")
+    if n_kv_heads == 0 or n_q_heads % n_kv_heads != 0:
+        raise ValueError(f"q heads ({n_q_heads}) must be a multiple of kv heads ({n_kv_heads})")
+    _check_index("req_to_token", req_to_token, None)
+    if req_to_token.dim() != 2 or req_to_token.stride(1) != 1:
+        raise ValueError(
+            f"req_to_token must be 2-D with contiguous rows, got shape {tuple(req_to_token.shape)}"
+        )
+    _check_index("b_req_idx", b_req_idx, (batch,))
+    _check_index("b_seq_len", b_seq_len, (batch,))
+    b_req_idx = b_req_idx.contiguous()
+    b_seq_len = b_seq_len.contiguous()
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _check_rows("out", out, 3)
+        if out.shape != q.shape or out.dtype != q.dtype:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if out.numel() == 0:  # no entries (or no heads): nothing to compute or validate
+        return out
+
+    status = lib.token_decode_attention(
+        q.data_ptr(), q.stride(0),
+        k_cache.data_ptr(), k_cache.stride(0),
+        v_cache.data_ptr(), v_cache.stride(0),
+        req_to_token.data_ptr(), req_to_token.stride(0), req_to_token.shape[0], req_to_token.shape[1],
+        b_req_idx.data_ptr(), b_seq_len.data_ptr(), batch,
+        n_slots, n_q_heads, n_kv_heads, head_dim,
+        int(q.dtype == torch.bfloat16), float(scale),
+        out.data_ptr(), out.stride(0),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(_STATUS_MESSAGES.get(status, f"kernel failed with status {status}"))
+    return out
