@@ -1,4 +1,5 @@
-"""Decode attention over the TokenAttention KV pool, in C (`token_attention.c`)."""
+"""Attention in C: decode over the TokenAttention KV pool (`token_attention.c`) and bf16
+prefill of new tokens (`context_attention.c`)."""
 
 from __future__ import annotations
 
@@ -111,4 +112,59 @@ def token_decode_attention(
     )
     if status != 0:
         raise ValueError(_STATUS_MESSAGES.get(status, f"kernel failed with status {status}"))
+    return out
+
+
+def context_attention_supported() -> bool:
+    """Whether this build has the bf16 prefill kernel (it needs AVX512-BF16)."""
+    lib = build.load()
+    return lib is not None and bool(lib.context_attention_supported())
+
+
+def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b_start: torch.Tensor, b_len: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Causal attention of each request's new tokens to themselves (no cached prefix), bf16.
+
+    Args:
+        q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` bf16 (inner dims contiguous, any row stride);
+            ``Hq`` a multiple of ``Hkv``, ``D`` a multiple of 32 up to 256.
+        b_start, b_len: int64 ``[B]``: request b owns tokens ``[b_start[b], b_start[b] + b_len[b])``.
+        scale: softmax scale.
+
+    Returns:
+        ``[T, Hq, D]`` bf16; rows of tokens no request owns are left uninitialised.
+
+    Raises:
+        RuntimeError: the kernel is unavailable or this build lacks AVX512-BF16.
+        ValueError: bad shapes, dtypes or layouts, or a request outside ``[0, T)``.
+    """
+    lib = build.require()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_rows(name, t, 3)
+        if t.dtype != torch.bfloat16:
+            raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+    tokens, n_q_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    n_kv_heads = k.shape[1]
+    if n_kv_heads == 0 or n_q_heads % n_kv_heads or head_dim % 32 or head_dim > 256:
+        raise ValueError(f"unsupported heads/head_dim: {n_q_heads} q heads, {n_kv_heads} kv heads, head_dim {head_dim}")
+    for name, t in (("b_start", b_start), ("b_len", b_len)):
+        if t.device.type != "cpu" or t.dtype != torch.int64 or t.dim() != 1 or t.shape != b_start.shape:
+            raise ValueError(f"{name} must be a 1-D int64 CPU tensor like b_start, got {t.dtype} {tuple(t.shape)}")
+    b_start, b_len = b_start.contiguous(), b_len.contiguous()
+    if len(b_len) and (int(b_len.min()) < 1 or int(b_start.min()) < 0 or int((b_start + b_len).max()) > tokens):
+        raise ValueError(f"every request must own 1 or more tokens inside [0, {tokens})")
+    out = torch.empty(q.shape, dtype=q.dtype)
+    if len(b_len) == 0:
+        return out
+    status = lib.context_attention(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), out.data_ptr(), out.stride(0),
+        b_start.data_ptr(), b_len.data_ptr(), len(b_len), n_q_heads, n_kv_heads, head_dim, float(scale),
+        torch.get_num_threads(),
+    )
+    if status == 1:
+        raise RuntimeError("context attention needs AVX512-BF16, which this CPU or build lacks")
+    if status != 0:
+        raise RuntimeError("out of memory for the context attention's packed K/V")
     return out

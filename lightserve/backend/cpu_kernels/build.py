@@ -35,7 +35,7 @@ del torch  # imported for its side effect only
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "token_attention.c", _HERE / "layer_ops.c")
+_SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c")
 _LIBRARY = "cpu_kernels"
 _COMPILER = "gcc"
 # -ffp-contract=off: no FMA where the torch reference rounds a product before adding (layer_ops.c).
@@ -56,6 +56,8 @@ _SIGNATURES = {
         ptr, i64,  # out, out_stride_b
         i32,  # threads
     ],
+    "context_attention": [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, f32, i32],
+    "context_attention_supported": [],
     "rms_norm": [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, f32, i32, i32],
     "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
     "silu_and_mul": [ptr, i64, ptr, i64, i64, i64, i32, i32],
