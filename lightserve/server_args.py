@@ -41,6 +41,7 @@ class ServerArgs:
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted, in bytes (larger: 413)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require `Authorization: Bearer KEY` on every route but /health"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between the router's throughput/load log lines while busy (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed for weights-independent randomness (request seeds are per request)"})
 
     def resolved_batch_max_tokens(self) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import time
 
 import httpx
@@ -198,3 +199,16 @@ def test_two_servers_side_by_side_and_clean_sigterm(tiny_served_model):
     for d in run_dirs:
         assert not os.path.exists(d)
     assert _shm_segments() == shm_before
+
+
+def test_router_logs_throughput_and_load_while_busy(tiny_served_model):
+    flags = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024",
+             "--log_level", "info", "--log_stats_interval", "0.2")
+    with ServerProcess(tiny_served_model, *flags) as server:
+        for _ in range(3):
+            generate(server.url, "a long answer please", max_new_tokens=600, ignore_eos=True)
+        log = server.read_log()
+    lines = re.findall(r"router: prompt ([\d.]+) tok/s, generation ([\d.]+) tok/s, (\d+) running, (\d+) waiting, "
+                       r"KV ([\d.]+)% of 6000 slots", log)
+    assert lines, log[-3000:]
+    assert any(float(generated) > 0 and int(running) >= 1 for _, generated, running, _, _ in lines)

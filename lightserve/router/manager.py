@@ -12,6 +12,7 @@ from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, Generate
 from lightserve.backend.worker import ranks_of_node
 from lightserve.router.req_queue import ReqQueue
 from lightserve.router.scheduler import Scheduler
+from lightserve.router.stats_log import StatsLog
 from lightserve.router.worker_client import WorkerGroup
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
@@ -61,6 +62,8 @@ class RouterManager:
             max_req_total_len=args.max_req_total_len,
         )
         self.scheduler = Scheduler(self.queue, self.workers, args.router_max_wait_tokens, max_total_token_num)
+        self.stats_log = StatsLog(args.log_stats_interval)
+        self._pool: dict[str, int] = {}  # rank 0's last KV figures
 
     def close(self) -> None:
         """Drop the links (messages not yet delivered are discarded: nobody is left to read them)."""
@@ -72,6 +75,7 @@ class RouterManager:
             self.receive(block=not self.scheduler.has_work)
             self.step()
             self.publish_stats()
+            self.log_stats()
 
     def step(self) -> None:
         """One scheduler step; its tokens (or the errors of a batch that failed) go out."""
@@ -101,7 +105,7 @@ class RouterManager:
             return
         if self.scheduler.has_work and now - self._last_stats_time < STATS_INTERVAL_S:
             return
-        pool = self.workers.stats()
+        self._pool = pool = self.workers.stats()
         stats = RouterStats(
             kv_total=pool["kv_total"], kv_used=pool["kv_total"] - pool["kv_free"],
             running_reqs=len(self.scheduler.running), waiting_reqs=len(self.queue),
@@ -110,6 +114,12 @@ class RouterManager:
         self.to_http.send(serde.dumps(stats))
         self._last_stats_time = now
         self._unpublished = self.scheduler.has_work  # keep reporting while busy
+
+    def log_stats(self) -> None:
+        s, pool = self.scheduler, self._pool
+        kv_used = pool["kv_total"] - pool["kv_free"] if pool else None
+        self.stats_log.maybe_log(s.prompt_tokens, s.generated_tokens, len(s.running), len(self.queue), kv_used,
+                                 pool.get("kv_total"))
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""

@@ -55,6 +55,10 @@ class Scheduler:
         self._queue_times: list[float] = []
         self._prefilling: Optional[tuple[int, list[int]]] = None  # (batch id, request ids) in flight
         self._unmerged: Optional[int] = None  # a prefilled batch whose merge is in flight
+        # Running totals for the stats log: tokens prefilled (incl. recomputed after a pause)
+        # and tokens generated.
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
 
     # ---- inputs ------------------------------------------------------------------------------
     def add(self, req: GenerateReq) -> None:
@@ -109,6 +113,7 @@ class Scheduler:
         self._prefilling = (new_id, [r.req_id for r in reqs])
         outs = self.backend.prefill(new_id, reqs)
         self._prefilling = None
+        self.prompt_tokens += sum(len(r.prompt_ids) + len(r.output_ids) for r in reqs)
         now = time.time()
         for r in reqs:
             self.running[r.req_id] = RunningReq(r, len(r.output_ids))
@@ -122,6 +127,7 @@ class Scheduler:
         return outs
 
     def _account(self, outs: list[TokenOut]) -> None:
+        self.generated_tokens += len(outs)
         for out in outs:
             running = self.running[out.req_id]
             running.generated += 1

@@ -1,0 +1,45 @@
+"""The router's periodic one-line summary of throughput and load, as vLLM and TGI print it:
+what an operator reads first when the server seems slow."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+logger = logging.getLogger(__name__)
+
+
+class StatsLog:
+    """Every `interval_s` seconds of busy time (0: never), logs the prompt and generation
+    throughput over that time, the running and waiting requests, and KV use.
+
+    Rates are per second the router had work: idle time (the loop blocked waiting for a
+    request) is not counted, so a line never mixes a burst's rate with the silence after it.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last_call: Optional[float] = None
+        self._was_busy = False
+        self._busy_s = 0.0
+        self._logged_prompt = self._logged_generated = 0
+
+    def maybe_log(self, prompt_tokens: int, generated_tokens: int, running: int, waiting: int,
+                  kv_used: Optional[int], kv_total: Optional[int]) -> Optional[str]:
+        """Called once per router loop with the running token totals; logs (and returns) a
+        line when one is due."""
+        now = self.clock()
+        if self._was_busy and self._last_call is not None:
+            self._busy_s += now - self._last_call
+        self._last_call, self._was_busy = now, bool(running or waiting)
+        if self.interval_s <= 0 or self._busy_s < self.interval_s:
+            return None
+        prompt = (prompt_tokens - self._logged_prompt) / self._busy_s
+        generated = (generated_tokens - self._logged_generated) / self._busy_s
+        self._busy_s, self._logged_prompt, self._logged_generated = 0.0, prompt_tokens, generated_tokens
+        kv = f", KV {100 * kv_used / kv_total:.1f}% of {kv_total} slots" if kv_used is not None and kv_total else ""
+        line = f"prompt {prompt:.1f} tok/s, generation {generated:.1f} tok/s, {running} running, {waiting} waiting{kv}"
+        logger.info("router: %s", line)
+        return line
