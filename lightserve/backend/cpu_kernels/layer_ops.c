@@ -213,12 +213,18 @@ static inline float exp_vec(float x) {
     float xc = x > hi ? hi : (x < lo ? lo : x);
     /* n = round(x / ln2) with the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits. */
     const float shifter = 12582912.0f;
-    float t = xc * 1.44269504088896341f + shifter;
+    float t = fmaf(xc, 1.44269504088896341f, shifter);
     float n = t - shifter;
-    float r = xc - n * 0.693145751953125f; /* ln2 in two parts, so r is exact */
-    r = r - n * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
-              r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    float r = fmaf(-n, 0.693145751953125f, xc); /* ln2 in two parts, so r is exact */
+    r = fmaf(-n, 1.428606765330187e-06f, r);
+    /* Horner with explicit FMAs (the build turns implicit contraction off for the other ops). */
+    float p = fmaf(r, 1.0f / 5040, 1.0f / 720);
+    p = fmaf(p, r, 1.0f / 120);
+    p = fmaf(p, r, 1.0f / 24);
+    p = fmaf(p, r, 1.0f / 6);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
     uint32_t tb;
     memcpy(&tb, &t, sizeof tb);
     int32_t ni = (int32_t)(tb - 0x4b400000u), half = ni / 2;
