@@ -292,6 +292,9 @@ class _Stop(Exception):
 
 
 def _raise_stop(signum, frame) -> None:
+    # Once: a second SIGTERM (the parent-death signal after the launcher's own) must not
+    # interrupt the clean-up this one starts, or segments are left behind.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Stop()
 
 
@@ -309,6 +312,7 @@ def start_cache_manager_process(args: ServerArgs, paths: RunPaths, pipe: Connect
             except _Stop:
                 logger.info("cache manager: stopping")
             finally:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nothing may cut the clean-up short
                 server.close()
                 removed = cache.close()
                 logger.info("cache manager: unlinked %d shared-memory segments", removed)
