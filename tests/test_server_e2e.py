@@ -33,13 +33,15 @@ def tiny_llm(tiny_served_model):
                max_req_total_len=1024)
 
 
+def metrics(url: str, *names: str) -> list[float]:
+    """The named samples from one scrape of /metrics (so they describe the same moment)."""
+    values = {sample.name: sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+              for sample in family.samples}
+    return [values[name] for name in names]
+
+
 def metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
+    return metrics(url, name)[0]
 
 
 def wait_pool_free(url: str, timeout_s: float = 5.0) -> None:
