@@ -1,8 +1,8 @@
 """The C layer ops (`CpuOps`) against the torch reference (`TorchOps`) they replace.
 
 bf16 results must be bit-identical except RMSNorm, whose sum of squares adds in another order
-(a handful of elements in a million may differ by one bf16 unit); fp32 results agree to
-rounding. Inputs are strided views of fused projections, as the layer template passes them.
+(a few elements in ten thousand may differ, by one or two bf16 units: the normalised value is
+rounded to bf16 before the weight multiply and again after); fp32 results agree to rounding. Inputs are strided views of fused projections, as the layer template passes them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 0) ->
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, near_ulps: int = 0) -> None:
-    """bf16: bit-identical, or at most `near_ulps` elements one bf16 unit apart; fp32: rounding."""
+    """bf16: bit-identical, or at most `near_ulps` elements at most two bf16 units apart; fp32: rounding."""
     if actual.dtype == torch.float32:
         torch.testing.assert_close(actual, expected, **FP32)
         return
@@ -37,7 +37,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, near_ulps: int = 
     assert int(differ.sum()) <= near_ulps, f"{int(differ.sum())} elements differ"
     if differ.any():
         ulp = (actual.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
-        assert int(ulp.max()) == 1
+        assert int(ulp.max()) <= 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
