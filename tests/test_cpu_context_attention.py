@@ -86,3 +86,11 @@ def test_bad_inputs_raise(change, message):
         args[name] = edit(args[name])
     with pytest.raises(ValueError, match=message):
         cpu_kernels.context_attention(**args, scale=0.125)
+
+
+def test_heads_the_kernel_does_not_take_raise():
+    # 17 query heads per kv head: more than the kernel's group limit (16).
+    q, k, v, starts, b_len = packed_case([5], 17, 1, 64)
+    assert not cpu_kernels.context_attention_fits(17, 1, 64) and cpu_kernels.context_attention_fits(16, 1, 64)
+    with pytest.raises(ValueError, match="unsupported heads"):
+        cpu_kernels.context_attention(q, k, v, starts, b_len, 0.125)

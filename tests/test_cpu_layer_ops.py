@@ -123,7 +123,7 @@ def test_write_kv_with_a_bad_slot_writes_nothing():
     (lambda: layer_ops.rms_norm(torch.ones(2, 8, dtype=torch.float16), torch.ones(8, dtype=torch.float16), 1e-5),
      "float32 or bfloat16"),
     (lambda: layer_ops.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-5), r"weight \[dim\]"),
-    (lambda: layer_ops.rms_norm(torch.ones(8, 2).t(), torch.ones(8), 1e-5), "contiguous rows"),
+    (lambda: layer_ops.rms_norm(torch.ones(8, 2).t(), torch.ones(8), 1e-5), "contiguous inner dims"),
     (lambda: layer_ops.add_rms_norm(torch.ones(2, 8), torch.ones(3, 8), torch.ones(8), 1e-5), "differ"),
     (lambda: layer_ops.silu_and_mul(torch.ones(2, 7)), "2 \\* intermediate"),
     (lambda: layer_ops.rotary(torch.ones(2, 1, 8), torch.ones(2, 1, 8), torch.ones(2, 3), torch.ones(2, 3)),

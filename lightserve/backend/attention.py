@@ -5,9 +5,10 @@ returns the attention output. `begin_step` runs once per forward pass so that wo
 all layers (gather indices, masks) is not repeated per layer.
 
 - `torch`: plain PyTorch, works on any device. Decode gathers K/V through the token table.
-- `cpu_native`: decode reads K/V through the token table in place with a small C kernel,
-  and the layer's small ops (RMSNorm, rotary, SiLU, KV write) are C kernels too (see
-  `cpu_kernels`); prefill attention in C as well for bf16 on AVX512-BF16 CPUs, else as `torch`. Chosen by `auto` on CPU when the kernel compiles.
+- `cpu_native`: C kernels (see `cpu_kernels`): decode reads K/V through the token table in
+  place; bf16 prefill attention uses AVX512-BF16 dot products where the CPU has them (else as
+  `torch`); the layer's small ops (RMSNorm, rotary, SiLU, KV write) are one call each. Chosen
+  by `auto` on CPU when the kernels compile.
 - `triton`: Triton kernels; chosen by `auto` on CUDA.
 """
 
@@ -83,14 +84,17 @@ class CpuNativeAttention(TorchAttention):
 
         self._kernels = cpu_kernels
         self.ops = cpu_kernels.CpuOps  # the small layer ops in C too
-        self._c_prefill = cpu_kernels.context_attention_supported()  # bf16 on AVX512-BF16 CPUs
+        # bf16 prefill in C: on AVX512-BF16 CPUs, for the head shapes the kernel takes.
+        self._c_prefill = (cpu_kernels.context_attention_supported()
+                           and cpu_kernels.context_attention_fits(num_heads, num_kv_heads, head_dim))
 
     def begin_step(self, state: ForwardState) -> None:
-        if state.is_prefill:  # the requests' token ranges, once for all layers
-            state.attn_meta = (torch.tensor(state.b_start, dtype=torch.int64), torch.tensor(state.b_new_len, dtype=torch.int64))
+        if state.is_prefill and self._c_prefill:  # the requests' token ranges, once for all layers
+            state.attn_meta = (torch.tensor(state.b_start, dtype=torch.int64),
+                               torch.tensor(state.b_new_len, dtype=torch.int64))
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState, kv_cache=None) -> torch.Tensor:
-        if self._c_prefill and q.dtype == torch.bfloat16 and self.head_dim % 32 == 0 and self.head_dim <= 256:
+        if self._c_prefill and q.dtype == torch.bfloat16:
             return self._kernels.context_attention(q, k, v, *state.attn_meta, self.scale)
         return super().prefill(q, k, v, state, kv_cache)
 

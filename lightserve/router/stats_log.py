@@ -21,7 +21,7 @@ class StatsLog:
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
         self.interval_s = interval_s
         self.clock = clock
-        self._last_call: Optional[float] = None
+        self._last_call = clock()
         self._was_busy = False
         self._busy_s = 0.0
         self._logged_prompt = self._logged_generated = 0
@@ -31,7 +31,7 @@ class StatsLog:
         """Called once per router loop with the running token totals; logs (and returns) a
         line when one is due."""
         now = self.clock()
-        if self._was_busy and self._last_call is not None:
+        if self._was_busy:
             self._busy_s += now - self._last_call
         self._last_call, self._was_busy = now, bool(running or waiting)
         if self.interval_s <= 0 or self._busy_s < self.interval_s:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lightserve.backend.cpu_kernels import build
+from lightserve.backend.cpu_kernels.checks import check_rows
 
 # Status codes returned by the C entry point (enum in token_attention.c).
 _STATUS_MESSAGES = {
@@ -14,16 +15,6 @@ _STATUS_MESSAGES = {
     3: "req_to_token holds a slot outside [0, k_cache.shape[0]) for an attended position",
     4: "out of memory for the kernel's per-thread buffers",
 }
-
-
-def _check_rows(name: str, t: torch.Tensor, ndim: int) -> None:
-    """``t`` must be a CPU tensor with contiguous inner dims; the outer stride is free."""
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got {t.device}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if (t.shape[-1] > 1 and t.stride(-1) != 1) or (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
-        raise ValueError(f"{name} must have contiguous inner dims, got strides {t.stride()}")
 
 
 def _check_index(name: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> None:
@@ -66,9 +57,9 @@ def token_decode_attention(
         ValueError: bad shapes, dtypes, devices or layouts, or an index out of range.
     """
     lib = build.require()
-    _check_rows("q", q, 3)
-    _check_rows("k_cache", k_cache, 3)
-    _check_rows("v_cache", v_cache, 3)
+    check_rows("q", q, 3)
+    check_rows("k_cache", k_cache, 3)
+    check_rows("v_cache", v_cache, 3)
     if q.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"q must be float32 or bfloat16, got {q.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -93,7 +84,7 @@ def token_decode_attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        _check_rows("out", out, 3)
+        check_rows("out", out, 3)
         if out.shape != q.shape or out.dtype != q.dtype:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if out.numel() == 0:  # no entries (or no heads): nothing to compute or validate
@@ -115,10 +106,22 @@ def token_decode_attention(
     return out
 
 
+# Shapes the prefill kernel takes (context_attention.c: MAX_D, MAX_GROUP).
+CONTEXT_MAX_HEAD_DIM = 256
+CONTEXT_MAX_GROUP = 16
+
+
 def context_attention_supported() -> bool:
     """Whether this build has the bf16 prefill kernel (it needs AVX512-BF16)."""
     lib = build.load()
     return lib is not None and bool(lib.context_attention_supported())
+
+
+def context_attention_fits(n_q_heads: int, n_kv_heads: int, head_dim: int) -> bool:
+    """Whether the prefill kernel takes these heads: GQA groups of up to 16 query heads and a
+    head_dim that is a multiple of 32 up to 256."""
+    return (n_kv_heads > 0 and n_q_heads % n_kv_heads == 0 and n_q_heads // n_kv_heads <= CONTEXT_MAX_GROUP
+            and head_dim % 32 == 0 and head_dim <= CONTEXT_MAX_HEAD_DIM)
 
 
 def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b_start: torch.Tensor, b_len: torch.Tensor,
@@ -127,7 +130,7 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b_start
 
     Args:
         q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` bf16 (inner dims contiguous, any row stride);
-            ``Hq`` a multiple of ``Hkv``, ``D`` a multiple of 32 up to 256.
+            heads and ``D`` as `context_attention_fits` allows.
         b_start, b_len: int64 ``[B]``: request b owns tokens ``[b_start[b], b_start[b] + b_len[b])``.
         scale: softmax scale.
 
@@ -140,14 +143,12 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b_start
     """
     lib = build.require()
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_rows(name, t, 3)
-        if t.dtype != torch.bfloat16:
-            raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+        check_rows(name, t, 3, torch.bfloat16)
     tokens, n_q_heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
     n_kv_heads = k.shape[1]
-    if n_kv_heads == 0 or n_q_heads % n_kv_heads or head_dim % 32 or head_dim > 256:
+    if not context_attention_fits(n_q_heads, n_kv_heads, head_dim):
         raise ValueError(f"unsupported heads/head_dim: {n_q_heads} q heads, {n_kv_heads} kv heads, head_dim {head_dim}")
     for name, t in (("b_start", b_start), ("b_len", b_len)):
         if t.device.type != "cpu" or t.dtype != torch.int64 or t.dim() != 1 or t.shape != b_start.shape:

@@ -13,20 +13,10 @@ from __future__ import annotations
 import torch
 
 from lightserve.backend.cpu_kernels import build
+from lightserve.backend.cpu_kernels.checks import check_rows
 from lightserve.backend.models.torch_ops import adjacent_heads
 
 _DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    """A CPU tensor of `dtype` whose dims after the first are contiguous (any row stride)."""
-    if t.device.type != "cpu" or t.dtype != dtype:
-        raise ValueError(f"{name} must be a CPU {dtype} tensor, got {t.dtype} on {t.device}")
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size > 1 and stride != expected:
-            raise ValueError(f"{name} must have contiguous rows, got shape {tuple(t.shape)} strides {t.stride()}")
-        expected *= size
 
 
 def _dtype_of(x: torch.Tensor) -> torch.dtype:
@@ -37,12 +27,12 @@ def _dtype_of(x: torch.Tensor) -> torch.dtype:
 
 def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = _dtype_of(x)
-    _check("x", x, dtype)
-    _check("weight", weight, dtype)
+    check_rows("x", x, dtype=dtype)
+    check_rows("weight", weight, dtype=dtype)
     if x.dim() != 2 or weight.shape != (x.shape[1],):
         raise ValueError(f"x must be [rows, dim] and weight [dim], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if delta is not None:
-        _check("delta", delta, dtype)
+        check_rows("delta", delta, dtype=dtype)
         if delta.shape != x.shape:
             raise ValueError(f"delta {tuple(delta.shape)} and x {tuple(x.shape)} differ")
     out = torch.empty(x.shape, dtype=dtype)
@@ -68,12 +58,12 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     dtype = _dtype_of(x)
-    _check("x", x, dtype)
+    check_rows("x", x, dtype=dtype)
     rows, heads, head_dim = x.shape
     if head_dim % 2 or cos.shape != (rows, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin must be [{rows}, {head_dim // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    _check("cos", cos, torch.float32)
-    _check("sin", sin, torch.float32)
+    check_rows("cos", cos, dtype=torch.float32)
+    check_rows("sin", sin, dtype=torch.float32)
     if x.numel():
         build.require().rotary(x.data_ptr(), x.stride(0), rows, heads, head_dim, cos.data_ptr(), sin.data_ptr(),
                                int(dtype == torch.bfloat16), torch.get_num_threads())
@@ -91,7 +81,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of gate_up [T, 2I] (gate first), as a new [T, I] tensor."""
     dtype = _dtype_of(gate_up)
-    _check("gate_up", gate_up, dtype)
+    check_rows("gate_up", gate_up, dtype=dtype)
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [rows, 2 * intermediate], got {tuple(gate_up.shape)}")
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
@@ -108,7 +98,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     if a slot is outside the pool."""
     dtype = k_cache.dtype
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        _check(name, t, dtype)
+        check_rows(name, t, dtype=dtype)
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError(f"v_cache {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
     if k.shape[1:] != k_cache.shape[1:] or v.shape != k.shape:
