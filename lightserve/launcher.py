@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import uvicorn
 from transformers import AutoTokenizer
 
-from lightserve.backend.worker import ranks_of_node, start_backend_process
+from lightserve.backend.worker import start_backend_process
 from lightserve.cache_manager import shm
 from lightserve.cache_manager.manager import start_cache_manager_process
 from lightserve.detokenization.manager import start_detokenization_process
@@ -185,7 +185,7 @@ def launch(args: ServerArgs) -> int:
     try:
         dist_addr = args.dist_init_addr or f"127.0.0.1:{free_port()}"
         ranks = [(f"backend-rank{r}", start_backend_process, (args, paths, model_dir, r, dist_addr))
-                 for r in ranks_of_node(args)]
+                 for r in args.ranks_of_node()]
         if args.node_rank > 0:
             return _serve_ranks_only(args, children, ranks)
         others = [("detokenization", start_detokenization_process, (args, paths, tokenizer_dir))]

@@ -44,6 +44,13 @@ class ServerArgs:
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between the router's throughput/load log lines while busy (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed for weights-independent randomness (request seeds are per request)"})
 
+    def ranks_of_node(self) -> range:
+        """The tensor-parallel ranks that run on this node."""
+        if self.tp % self.nnodes:
+            raise ValueError(f"--tp {self.tp} is not divisible by --nnodes {self.nnodes}")
+        per_node = self.tp // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
     def resolved_batch_max_tokens(self) -> int:
         return self.batch_max_tokens or max(self.max_req_total_len, 2048)
 

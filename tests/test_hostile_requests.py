@@ -25,7 +25,8 @@ import rpyc
 from rpyc.utils.server import ThreadedServer
 
 from lightserve.backend.engine import ModelEngine
-from lightserve.backend.worker import RPYC_CONFIG, ModelWorkerService, RankRunner
+from lightserve.backend.worker import ModelWorkerService, RankRunner
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager.manager import start_cache_manager_process
 from lightserve.httpserver.admission import Admission, InFlightLimit
 from lightserve.httpserver.errors import ApiError

@@ -36,7 +36,8 @@ from starlette.testclient import TestClient
 from transformers import AutoTokenizer
 
 from lightserve.backend.engine import ModelEngine
-from lightserve.backend.worker import RPYC_CONFIG, ModelWorkerService, RankRunner
+from lightserve.backend.worker import ModelWorkerService, RankRunner
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.httpserver.app import build_app
 from lightserve.httpserver.manager import HttpServerManager
 from lightserve.io_struct import BatchTokenOut, GenerateReq, SamplingParams, TokenOut

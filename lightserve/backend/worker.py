@@ -27,19 +27,10 @@ from lightserve.io_struct import BackendCall
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.process import run_child
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
 
 logger = logging.getLogger(__name__)
-
-# rpyc hardening: only `exposed_` methods are reachable, no attribute access, no pickles.
-RPYC_CONFIG = {
-    "allow_public_attrs": False,
-    "allow_all_attrs": False,
-    "allow_pickle": False,
-    "allow_setattr": False,
-    "allow_delattr": False,
-    "sync_request_timeout": None,
-}
 
 ENGINE_METHODS = frozenset({"prefill", "decode", "filter", "merge", "pause", "remove"})
 
@@ -101,13 +92,6 @@ def follow(runner: RankRunner, group) -> None:
         if call.method == "shutdown":
             return
         runner.execute(call)
-
-
-def ranks_of_node(args: ServerArgs) -> range:
-    if args.tp % args.nnodes:
-        raise ValueError(f"--tp {args.tp} is not divisible by --nnodes {args.nnodes}")
-    per_node = args.tp // args.nnodes
-    return range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
 
 
 def _init_distributed(args: ServerArgs, rank: int, dist_addr: str) -> Optional[Any]:

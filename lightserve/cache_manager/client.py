@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import rpyc
 
-from lightserve.backend.worker import RPYC_CONFIG
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager import shm
 from lightserve.cache_manager.manager import AllocItem, NeverFits
 from lightserve.utils.run_paths import RunPaths

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import rpyc
 from rpyc.utils.server import ThreadedServer
 
-from lightserve.backend.worker import RPYC_CONFIG
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager import shm
 from lightserve.server_args import ServerArgs
 from lightserve.utils.process import run_child

@@ -9,7 +9,6 @@ from multiprocessing.connection import Connection
 import zmq
 
 from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
-from lightserve.backend.worker import ranks_of_node
 from lightserve.router.req_queue import ReqQueue
 from lightserve.router.scheduler import Scheduler
 from lightserve.router.stats_log import StatsLog
@@ -51,7 +50,7 @@ class RouterManager:
         self.to_http.connect(paths.http_in)
         self._last_stats_time = 0.0
         self._unpublished = True  # something changed since the last RouterStats
-        self.workers = WorkerGroup(paths, ranks_of_node(args))
+        self.workers = WorkerGroup(paths, args.ranks_of_node())
         self.max_total_token_num = max_total_token_num
         self.queue = ReqQueue(
             max_total_token_num=max_total_token_num,

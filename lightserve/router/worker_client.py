@@ -12,7 +12,7 @@ from typing import Any
 
 import rpyc
 
-from lightserve.backend.worker import RPYC_CONFIG
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.io_struct import BackendCall, GenerateReq, TokenOut
 from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
