@@ -11,7 +11,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
+
+import msgspec
 
 
 class FinishReason(str, enum.Enum):
@@ -161,9 +163,46 @@ class RouterStats:
     queue_times: list[float] = field(default_factory=list)
 
 
-@dataclass
-class BackendCall:
-    """One batch operation for every backend rank (router -> ranks; rank 0 -> other nodes)."""
+# ---- router <-> backend ranks: one call per rank per step -------------------------------------
 
-    method: str  # prefill | decode | filter | merge | pause | remove | stats | shutdown
-    args: list = field(default_factory=list)
+
+class Chunk(msgspec.Struct, array_like=True):
+    """`num_tokens` more tokens of one request computed this step: the next piece of its prompt
+    (recomputed output included after a pause). The chunk that reaches the end of those tokens
+    samples the request's next token; the request decodes from then on."""
+
+    req_id: int
+    num_tokens: int
+
+
+class StepPlan(msgspec.Struct, tag=True):
+    """Everything a rank does in one step, in this order:
+
+    1. `release`: requests finished outside the rank (stop string), aborted or paused since the
+       last step: their KV slots and table rows are freed;
+    2. `new_reqs`: requests joining the rank's persistent batch (nothing computed yet);
+    3. the forward pass over `decode` (every request that has sampled a token computes that one
+       token) and `chunks` (prompt pieces, in this order), then sampling.
+    """
+
+    new_reqs: list[GenerateReq] = msgspec.field(default_factory=list)
+    chunks: list[Chunk] = msgspec.field(default_factory=list)
+    decode: bool = False
+    release: list[int] = msgspec.field(default_factory=list)
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    """The router is going away: ranks stop (and rank 0 tells the ranks of other nodes)."""
+
+
+RankCall = Union[StepPlan, Shutdown]
+
+
+class StepResult(msgspec.Struct):
+    """A rank's answer to one StepPlan (rank 0's is the one the router reads)."""
+
+    outs: list[TokenOut]  # one per request that sampled, plus one error per request refused at admission
+    kv_total: int
+    kv_free: int
+    running_reqs: int  # requests in the rank's persistent batch after the step
+    step_s: float  # seconds the rank spent on the step

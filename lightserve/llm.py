@@ -14,7 +14,6 @@ from transformers import AutoTokenizer
 from lightserve.backend.engine import ModelEngine
 from lightserve.detokenization.manager import TextAssembler
 from lightserve.io_struct import FinishReason, GenerateReq, SamplingParams
-from lightserve.router.req_queue import ReqQueue
 from lightserve.router.scheduler import Scheduler
 from lightserve.server_args import ServerArgs
 
@@ -61,14 +60,8 @@ class LLM:
         self.model_dir = str(model_dir or embedded_model_dir())
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_dir or self.model_dir)
         self.engine = ModelEngine(self.args, self.model_dir)
-        self.queue = ReqQueue(
-            max_total_token_num=self.engine.mem.size,
-            running_max_req_size=self.args.running_max_req_size,
-            batch_max_tokens=self.args.resolved_batch_max_tokens(),
-            router_token_ratio=self.args.router_token_ratio,
-            max_req_total_len=self.args.max_req_total_len,
-        )
-        self.scheduler = Scheduler(self.queue, self.engine, self.args.router_max_wait_tokens, self.engine.mem.size)
+        self.scheduler = Scheduler.for_server(self.args, self.engine, self.engine.mem.size)
+        self.queue = self.scheduler.queue
         self._ids = itertools.count()
 
     def generate(

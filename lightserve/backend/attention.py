@@ -4,6 +4,11 @@ A back end gets the per-layer q (and, in prefill, k/v of the new tokens) and the
 returns the attention output. `begin_step` runs once per forward pass so that work common to
 all layers (gather indices, masks) is not repeated per layer.
 
+A step mixes decode rows (one new token each) and prefill chunks (`ForwardState`);
+`MixedStepAttention.forward` sends each kind to the back end's `decode` or `prefill`. A chunk
+that continues a prompt attends to the positions earlier steps put in the pool, read through the
+token table, as well as causally to itself.
+
 - `torch`: plain PyTorch, works on any device. Decode gathers K/V through the token table.
 - `cpu_native`: C kernels (see `cpu_kernels`): decode reads K/V through the token table in
   place; bf16 prefill attention uses AVX512-BF16 dot products where the CPU has them (else as
@@ -15,7 +20,8 @@ all layers (gather indices, masks) is not repeated per layer.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +32,39 @@ from lightserve.backend.models.torch_ops import TorchOps
 logger = logging.getLogger(__name__)
 
 
-class TorchAttention:
+class MixedStepAttention:
+    """Splits a step's rows between the back end's decode and prefill paths.
+
+    The step packs its decode rows first (one token each), then its prefill chunks
+    (`ForwardState`); the projections around attention ran over all of them at once.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                state: ForwardState) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] of the step's tokens; their K/V are already in `kv_cache`."""
+        nd = state.num_decode
+        if not state.num_prefill:
+            return self.decode(q, kv_cache[0], kv_cache[1], state)
+        if not nd:
+            return self.prefill(q, k, v, state, kv_cache)
+        return torch.cat([self.decode(q[:nd], kv_cache[0], kv_cache[1], state),
+                          self.prefill(q[nd:], k[nd:], v[nd:], state, kv_cache)])
+
+
+@dataclass
+class _TorchMeta:
+    """What every layer's attention of one step reuses (torch back end)."""
+
+    # Decode rows: the slots of every request padded to the longest context, and the mask of
+    # real positions.
+    decode_slots: Optional[torch.Tensor] = None
+    decode_mask: Optional[torch.Tensor] = None
+    decode_len: int = 0
+    # Prefill rows with a prefix in the pool: row -> (slots of positions [0, seq_len), mask [n, seq_len]).
+    prefix_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class TorchAttention(MixedStepAttention):
     name = "torch"
     ops = TorchOps
 
@@ -38,40 +76,69 @@ class TorchAttention:
         self.scale = head_dim**-0.5
 
     def begin_step(self, state: ForwardState) -> None:
-        if state.is_prefill:
-            return
-        # Decode: the slots of every request padded to the longest context, and the mask of
-        # real positions; computed once, used by all layers.
-        max_len = state.max_seq_len
-        slots = state.req_to_token.index_select(0, state.b_req_idx.long())[:, :max_len].long()
-        valid = torch.arange(max_len, device=slots.device)[None, :] < state.b_seq_len[:, None]
+        state.attn_meta = meta = _TorchMeta()
+        if state.num_decode:
+            self._plan_decode_gather(state, meta)
+        self._plan_prefix_rows(state, meta)
+
+    @staticmethod
+    def _plan_decode_gather(state: ForwardState, meta: _TorchMeta) -> None:
+        nd = state.num_decode
+        meta.decode_len = max_len = state.decode_max_len
+        slots = state.req_to_token.index_select(0, state.b_req_idx[:nd].long())[:, :max_len].long()
+        valid = torch.arange(max_len, device=slots.device)[None, :] < state.b_seq_len[:nd, None]
         # Padding positions point to slot 0; their scores are masked out.
-        slots = slots.masked_fill(~valid, 0)
-        state.attn_meta = (slots.reshape(-1), valid[:, None, None, :])
+        meta.decode_slots = slots.masked_fill(~valid, 0).reshape(-1)
+        meta.decode_mask = valid[:, None, None, :]
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState, kv_cache=None) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; causal within each request.
+    @staticmethod
+    def _plan_prefix_rows(state: ForwardState, meta: _TorchMeta) -> None:
+        nd = state.num_decode
+        for j, (prefix, n) in enumerate(zip(state.b_prefix_len, state.b_new_len)):
+            if prefix:
+                total = prefix + n
+                slots = state.req_to_token[int(state.b_req_idx[nd + j]), :total].long()
+                # The chunk's query at position prefix + i sees positions <= prefix + i.
+                mask = torch.arange(total, device=slots.device)[None, :] <= (
+                    prefix + torch.arange(n, device=slots.device))[:, None]
+                meta.prefix_rows[j] = (slots, mask)
 
-        Requests start at position 0 here (no cached prefix), so the new k/v are all there is
-        to attend to and `kv_cache` is not read."""
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] of the prefill rows' new tokens (K/V already in the pool)."""
         out = torch.empty_like(q)
-        for start, n in zip(state.b_start, state.b_new_len):
-            qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
-            ki = k[start : start + n].transpose(0, 1).unsqueeze(0)
-            vi = v[start : start + n].transpose(0, 1).unsqueeze(0)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
-            out[start : start + n] = oi[0].transpose(0, 1)
+        self._prefill_rows(q, k, v, state, kv_cache, out, range(state.num_prefill))
         return out
 
+    def _prefill_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
+                      kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, rows) -> None:
+        """Attention of prefill rows `rows` into `out`. A chunk without a prefix attends its own
+        new k/v; one with a prefix reads every position through the token table."""
+        meta: _TorchMeta = state.attn_meta
+        for j in rows:
+            start, n = state.b_start[j], state.b_new_len[j]
+            qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
+            if j in meta.prefix_rows:
+                slots, mask = meta.prefix_rows[j]
+                ki = kv_cache[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                vi = kv_cache[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            else:
+                ki = k[start : start + n].transpose(0, 1).unsqueeze(0)
+                vi = v[start : start + n].transpose(0, 1).unsqueeze(0)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
+            out[start : start + n] = oi[0].transpose(0, 1)
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        """q [B, Hq, D] of the one new token per request; K/V read through the token table."""
-        flat_slots, mask = state.attn_meta
-        batch, max_len = state.batch_size, state.max_seq_len
-        k = k_cache.index_select(0, flat_slots).view(batch, max_len, self.num_kv_heads, self.head_dim)
-        v = v_cache.index_select(0, flat_slots).view(batch, max_len, self.num_kv_heads, self.head_dim)
+        """q [B, Hq, D] of the decode rows' one new token each; K/V read through the token table."""
+        meta: _TorchMeta = state.attn_meta
+        batch, max_len = q.shape[0], meta.decode_len
+        k = k_cache.index_select(0, meta.decode_slots).view(batch, max_len, self.num_kv_heads, self.head_dim)
+        v = v_cache.index_select(0, meta.decode_slots).view(batch, max_len, self.num_kv_heads, self.head_dim)
         # Fold the query heads of one KV group into the query length: one matmul per KV head.
-        qg = q.view(batch, self.num_kv_heads, self.group, self.head_dim)
-        o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        qg = q.reshape(batch, self.num_kv_heads, self.group, self.head_dim)
+        o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask,
+                                           scale=self.scale)
         return o.reshape(batch, self.num_heads, self.head_dim)
 
 
@@ -89,18 +156,32 @@ class CpuNativeAttention(TorchAttention):
                            and cpu_kernels.context_attention_fits(num_heads, num_kv_heads, head_dim))
 
     def begin_step(self, state: ForwardState) -> None:
-        if state.is_prefill and self._c_prefill:  # the requests' token ranges, once for all layers
-            state.attn_meta = (torch.tensor(state.b_start, dtype=torch.int64),
-                               torch.tensor(state.b_new_len, dtype=torch.int64))
+        # Decode reads the pool in place (nothing to plan); prefill rows with a prefix use the
+        # torch path, whose per-row gathers are planned here.
+        state.attn_meta = meta = _TorchMeta()
+        self._plan_prefix_rows(state, meta)
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState, kv_cache=None) -> torch.Tensor:
-        if self._c_prefill and q.dtype == torch.bfloat16:
-            return self._kernels.context_attention(q, k, v, *state.attn_meta, self.scale)
-        return super().prefill(q, k, v, state, kv_cache)
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if not (self._c_prefill and q.dtype == torch.bfloat16):
+            return super().prefill(q, k, v, state, kv_cache)
+        # The C kernel takes the chunks that start a request (no prefix); the others read their
+        # prefix through the token table in torch.
+        meta: _TorchMeta = state.attn_meta
+        fresh = [j for j in range(state.num_prefill) if j not in meta.prefix_rows]
+        if fresh:
+            out = self._kernels.context_attention(
+                q, k, v, torch.tensor([state.b_start[j] for j in fresh], dtype=torch.int64),
+                torch.tensor([state.b_new_len[j] for j in fresh], dtype=torch.int64), self.scale)
+        else:
+            out = torch.empty_like(q)
+        self._prefill_rows(q, k, v, state, kv_cache, out, meta.prefix_rows)
+        return out
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        nd = state.num_decode
         return self._kernels.token_decode_attention(
-            q, k_cache, v_cache, state.req_to_token, state.b_req_idx, state.b_seq_len, self.scale
+            q, k_cache, v_cache, state.req_to_token, state.b_req_idx[:nd], state.b_seq_len[:nd], self.scale
         )
 
 

@@ -1,15 +1,17 @@
-"""The model engine of one backend rank: batches of requests over the TokenAttention KV pool.
+"""The model engine of one backend rank: one persistent batch over the TokenAttention KV pool.
 
-The router (through `worker.py`) and the offline `LLM` drive the same operations:
-`prefill` a set of new requests into a new batch, `decode` one step of a batch, `filter`,
-`merge`, `pause` and `remove` batches. Requests that finish (EOS, stop token, max_new_tokens)
-leave their batch in the step that finishes them and their KV slots are freed at once.
+The router (through `worker.py`) and the offline `LLM` drive it the same way: one `StepPlan`
+per step (`step`). Each request carries `computed`, the number of its tokens in the KV pool; a
+step computes a chunk of some prompts and one token of every decoding request, in one forward
+pass. Requests that finish (EOS, stop token, max_new_tokens) leave in the step that finishes
+them and their KV slots are freed at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,15 +20,15 @@ import torch
 from lightserve.backend.attention import make_attention, resolve_backend_name
 from lightserve.backend.device import kv_pool_size, resolve_device, resolve_dtype
 from lightserve.backend.forward_state import ForwardState
-from lightserve.backend.image_inputs import gather_image_embeds
+from lightserve.backend.image_inputs import ChunkImages, gather_image_embeds
 from lightserve.backend.infer_batch import InferBatch, ReqState
 from lightserve.backend.mem_manager import MemoryManager
 from lightserve.backend.models import model_class
 from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.parallel import SINGLE, TensorParallel
 from lightserve.backend.req_manager import ReqManager
-from lightserve.backend.sampling import SampleResult, SamplingBatch, sample
-from lightserve.io_struct import FinishReason, GenerateReq, TokenOut
+from lightserve.backend.sampling import SampleResult, sample
+from lightserve.io_struct import FinishReason, GenerateReq, StepPlan, StepResult, TokenOut
 from lightserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,12 @@ class ModelEngine:
         self.kv_cache = list(zip(self.mem.k_buffer, self.mem.v_buffer))
         self.req_manager = ReqManager(args.running_max_req_size, args.max_req_total_len, self.device)
         self.eos_ids = torch.tensor(sorted(self._eos_ids(model_dir)), dtype=torch.long, device=self.device)
-        self.batches: dict[int, InferBatch] = {}
+        # The persistent batch: requests still computing their prompt (in admission order), and
+        # the decoding ones. `forward` leaves the rows that sample in `_pending` for `sample`.
+        self.prefilling: dict[int, ReqState] = {}
+        self.decoding: Optional[InferBatch] = None
+        self._pending: Optional[InferBatch] = None
+        self._pending_joins = False
         logger.info(
             "rank %d: %s on %s/%s, attention=%s, KV pool %d tokens",
             tp.rank, self.cfg.architecture, self.device, self.dtype, self.attention_backend, size,
@@ -83,132 +90,169 @@ class ModelEngine:
             ids.update([eos] if isinstance(eos, int) else (eos or []))
         return ids
 
-    # ---- batch operations ------------------------------------------------------------------
-    def prefill(self, batch_id: int, reqs: list[GenerateReq]) -> list[TokenOut]:
-        """Start a new batch: compute the prompts' KV and sample each request's next token.
+    # ---- the step -------------------------------------------------------------------------
+    def step(self, plan: StepPlan) -> StepResult:
+        """Run one StepPlan (see its docstring); the reply carries the sampled tokens and the KV figures.
 
-        A request paused earlier comes back with the tokens it had generated in `output_ids`;
-        they are recomputed with the prompt, not sampled again.
+        A step that raises part-way leaves no state to trust: every request is dropped and all
+        KV is freed before the error propagates (the router fails those requests).
         """
-        logits = self.forward_prefill(batch_id, reqs)
-        return self._sample_and_finish(self.batches[batch_id], logits)
-
-    def decode(self, batch_id: int) -> list[TokenOut]:
-        """One step for every request of the batch: feed the last sampled token, sample the next."""
-        logits = self.forward_decode(batch_id)
-        return self._sample_and_finish(self.batches[batch_id], logits)
-
-    def forward_prefill(self, batch_id: int, reqs: list[GenerateReq]) -> torch.Tensor:
-        """Register a new batch and return the fp32 logits of each request's last position."""
-        inputs = [r.prompt_ids + r.output_ids for r in reqs]
-        lens = [len(x) for x in inputs]
-        rows = self.req_manager.alloc(len(reqs))
-        rows = torch.as_tensor(rows, dtype=torch.int32, device=self.device)
-        slots = None
+        t0 = time.perf_counter()
         try:
-            slots = self.mem.alloc(sum(lens))
-            return self._prefill_into(batch_id, reqs, inputs, lens, rows, slots)
+            self.release(plan.release)
+            refused = self.admit(plan.new_reqs)
+            outs = refused + self.sample(self.forward(plan))
         except BaseException:
-            # The batch is registered only on success: nobody else could free what it holds.
-            if slots is not None:
-                self.mem.free(slots)
-            self.req_manager.free(rows)
+            self.release_all()
             raise
+        return StepResult(outs, self.mem.size, self.mem.can_use_mem_size, self.num_running,
+                          time.perf_counter() - t0)
 
-    def _prefill_into(self, batch_id: int, reqs: list[GenerateReq], inputs: list[list[int]], lens: list[int],
-                      rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_running(self) -> int:
+        return len(self.prefilling) + (len(self.decoding) if self.decoding is not None else 0)
+
+    def release(self, req_ids: list[int]) -> None:
+        """Free the KV slots and table rows of `req_ids`. Ids this rank no longer holds are
+        ignored: a request may finish here in the step in which it was aborted elsewhere."""
+        gone = set(req_ids)
+        for req_id in gone & self.prefilling.keys():
+            req = self.prefilling.pop(req_id)
+            held = self.req_manager.req_to_token[req.row, : req.computed]
+            self.mem.free(held.long())
+            self.req_manager.free([req.row])
+        if self.decoding is not None and gone:
+            self.decoding = self._keep_rows(self.decoding, [i for i, r in enumerate(self.decoding.reqs)
+                                                            if r.req_id not in gone])
+
+    def release_all(self) -> None:
+        self.prefilling.clear()
+        self.decoding = self._pending = None
+        self.mem.free_all()
+        self.req_manager.free_all()
+
+    def admit(self, reqs: list[GenerateReq]) -> list[TokenOut]:
+        """Add new requests to the persistent batch (nothing computed yet). A request this rank
+        cannot serve is refused alone, with an error output, before any forward pass: every rank
+        refuses it alike, and the rest of the step goes on."""
+        refused = []
+        for r in reqs:
+            why = self._why_unservable(r)
+            if why is not None:
+                refused.append(TokenOut(r.req_id, -1, 0.0, FinishReason.ABORT, prompt_tokens=len(r.prompt_ids),
+                                        error=f"the backend cannot serve this request: {why}"))
+                continue
+            (row,) = self.req_manager.alloc(1)
+            seed = r.sampling.seed if r.sampling.seed is not None else default_seed(r.req_id)
+            self.prefilling[r.req_id] = ReqState(
+                r.req_id, row, r.prompt_ids, r.sampling, seed, list(r.output_ids),
+                frozenset(r.sampling.stop_token_ids), list(r.images), input_ids=r.prompt_ids + r.output_ids)
+        return refused
+
+    def _why_unservable(self, r: GenerateReq) -> Optional[str]:
+        try:
+            r.sampling.validate()
+        except ValueError as e:
+            return str(e)
+        if not r.prompt_ids:
+            return "the prompt is empty"
+        if len(r.prompt_ids) + r.sampling.max_new_tokens > self.req_manager.max_req_total_len:
+            return f"prompt + max_new_tokens exceeds the token table width ({self.req_manager.max_req_total_len})"
+        ids = r.prompt_ids + r.output_ids
+        if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
+            return f"a token id is outside the vocabulary [0, {self.cfg.vocab_size})"
+        if r.images and self.shm_prefix is None:
+            return "a request with images reached an engine without the image cache (--enable_multimodal)"
+        if r.req_id in self.prefilling or any(q.req_id == r.req_id for q in self._decoding_reqs()):
+            return f"request id {r.req_id} is already running"
+        return None
+
+    def _decoding_reqs(self) -> list[ReqState]:
+        return self.decoding.reqs if self.decoding is not None else []
+
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Write the step's tokens into KV, run the model, and return the fp32 logits [N, vocab]
+        of the N rows that sample: every decode row, then each chunk that completes its prompt.
+
+        Requests whose prompt completes join the decoding batch before sampling (`sample`).
+        """
         dev = self.device
-        lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
-        ends = lens_t.cumsum(0)
-        starts = ends - lens_t
-        total = int(ends[-1])
-        # Position of every packed token inside its request, and the table row it belongs to.
-        positions = torch.arange(total, device=dev) - starts.repeat_interleave(lens_t)
-        self.req_manager.req_to_token[rows.long().repeat_interleave(lens_t), positions] = slots.to(torch.int32)
+        decoding = self.decoding if plan.decode else None
+        nd = len(decoding) if decoding is not None else 0
+        chunks = [(self.prefilling[c.req_id], c.num_tokens) for c in plan.chunks if c.req_id in self.prefilling]
+        for req, n in chunks:
+            if not 0 < n <= len(req.input_ids) - req.computed:
+                raise ValueError(f"request {req.req_id}: a chunk of {n} tokens does not fit its "
+                                 f"{len(req.input_ids) - req.computed} uncomputed tokens")
+        new_lens = [n for _, n in chunks]
+        prefix_lens = [req.computed for req, _ in chunks]
+        total = nd + sum(new_lens)
+        if total == 0:
+            self._pending = None
+            return torch.empty(0, self.cfg.vocab_size, device=dev)
+        slots = self.mem.alloc(total)
+        table = self.req_manager.req_to_token
+        chunk_rows = torch.tensor([req.row for req, _ in chunks], dtype=torch.int32, device=dev)
+        new_t = torch.tensor(new_lens, dtype=torch.long, device=dev)
+        ends = new_t.cumsum(0)
+        starts = ends - new_t
+        # Position of every chunk token inside its request.
+        chunk_pos = (torch.arange(total - nd, device=dev) - starts.repeat_interleave(new_t)
+                     + torch.tensor(prefix_lens, dtype=torch.long, device=dev).repeat_interleave(new_t))
+        table[chunk_rows.long().repeat_interleave(new_t), chunk_pos] = slots[nd:].to(torch.int32)
+        chunk_seq = torch.tensor([p + n for p, n in zip(prefix_lens, new_lens)], dtype=torch.int32, device=dev)
+        chunk_ids = torch.tensor([t for req, n in chunks for t in req.input_ids[req.computed : req.computed + n]],
+                                 dtype=torch.long, device=dev)
+        if decoding is not None:
+            decode_pos = decoding.b_seq_len.long()
+            table[decoding.b_req_idx.long(), decode_pos] = slots[:nd].to(torch.int32)
+            decoding.b_seq_len += 1
+            positions = torch.cat([decode_pos, chunk_pos])
+            b_req_idx = torch.cat([decoding.b_req_idx, chunk_rows])
+            b_seq_len = torch.cat([decoding.b_seq_len, chunk_seq])
+            input_ids = torch.cat([decoding.last_ids, chunk_ids])
+        else:
+            positions, b_req_idx, b_seq_len, input_ids = chunk_pos, chunk_rows, chunk_seq, chunk_ids
         state = ForwardState(
-            is_prefill=True, positions=positions, out_slots=slots, b_req_idx=rows,
-            b_seq_len=lens_t.to(torch.int32), max_seq_len=max(lens), req_to_token=self.req_manager.req_to_token,
-            b_start=starts.tolist(), b_new_len=lens,
+            positions=positions, out_slots=slots, b_req_idx=b_req_idx, b_seq_len=b_seq_len, req_to_token=table,
+            num_decode=nd, max_seq_len=int(b_seq_len.max()), b_start=starts.tolist(), b_new_len=new_lens,
+            b_prefix_len=prefix_lens,
         )
-        if any(r.images for r in reqs):
-            if self.shm_prefix is None:
-                raise ValueError("a request with images reached an engine without the image cache (--enable_multimodal)")
-            state.image_embeds, state.image_rows = gather_image_embeds(
-                reqs, state.b_start, self.shm_prefix, self.cfg.hidden_size, self.dtype, dev)
-        input_ids = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=dev)
-        logits = self.model.forward(input_ids, state, self.kv_cache, ends - 1)
-        seeds = [r.sampling.seed if r.sampling.seed is not None else default_seed(r.req_id) for r in reqs]
-        batch = InferBatch(
-            batch_id=batch_id,
-            reqs=[
-                ReqState(r.req_id, int(row), r.prompt_ids, r.sampling, seed, list(r.output_ids),
-                         frozenset(r.sampling.stop_token_ids), list(r.images))
-                for r, row, seed in zip(reqs, rows.tolist(), seeds)
-            ],
-            b_req_idx=rows,
-            b_seq_len=lens_t.to(torch.int32),
-            last_ids=torch.zeros(len(reqs), dtype=torch.long, device=dev),
-            steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.long, device=dev),
-            max_new=torch.tensor([r.sampling.max_new_tokens for r in reqs], dtype=torch.long, device=dev),
-            check_eos=torch.tensor([not r.sampling.ignore_eos for r in reqs], dtype=torch.bool, device=dev),
-            sampling=SamplingBatch.build([r.sampling for r in reqs], seeds, [r.prompt_ids for r in reqs],
-                                         self.cfg.vocab_size, dev, output_ids=[r.output_ids for r in reqs]),
-        )
-        self.batches[batch_id] = batch
+        self._add_images(state, chunks)
+        completing = [j for j, (req, n) in enumerate(chunks) if req.computed + n == len(req.input_ids)]
+        logits_rows = torch.cat([torch.arange(nd, device=dev),
+                                 torch.tensor([nd + int(ends[j]) - 1 for j in completing], dtype=torch.long, device=dev)])
+        logits = self.model.forward(input_ids, state, self.kv_cache, logits_rows)
+        for req, n in chunks:
+            req.computed += n
+        joined = [self.prefilling.pop(chunks[j][0].req_id) for j in completing]
+        new = InferBatch.build(joined, self.cfg.vocab_size, dev) if joined else None
+        # The rows that sample: the decode rows and the requests that join, in logits order.
+        self._pending = InferBatch.concat(decoding, new)
+        # Without decode rows the decoding batch sat this step out: the new rows join it after sampling.
+        self._pending_joins = decoding is None
         return logits
 
-    def forward_decode(self, batch_id: int) -> torch.Tensor:
-        """Write the last sampled tokens into KV and return the next-token logits [B, vocab]."""
-        batch = self.batches[batch_id]
-        slots = self.mem.alloc(len(batch))
-        positions = batch.b_seq_len.long()
-        self.req_manager.req_to_token[batch.b_req_idx.long(), positions] = slots.to(torch.int32)
-        batch.b_seq_len += 1
-        state = ForwardState(
-            is_prefill=False, positions=positions, out_slots=slots, b_req_idx=batch.b_req_idx,
-            b_seq_len=batch.b_seq_len, max_seq_len=int(batch.b_seq_len.max()),
-            req_to_token=self.req_manager.req_to_token,
-        )
-        rows = torch.arange(len(batch), device=self.device)
-        return self.model.forward(batch.last_ids, state, self.kv_cache, rows)
+    def _add_images(self, state: ForwardState, chunks: list[tuple[ReqState, int]]) -> None:
+        with_images = [ChunkImages(req.req_id, req.images, req.computed, n, state.num_decode + start)
+                       for (req, n), start in zip(chunks, state.b_start) if req.images]
+        if with_images:
+            state.image_embeds, state.image_rows = gather_image_embeds(
+                with_images, self.shm_prefix, self.cfg.hidden_size, self.dtype, self.device)
 
-    def filter(self, batch_id: int, keep_req_ids: list[int]) -> None:
-        """Keep only `keep_req_ids` (e.g. drop aborted requests); freed KV is reusable at once."""
-        batch = self.batches[batch_id]
-        keep = set(keep_req_ids)
-        self._keep_rows(batch, [i for i, r in enumerate(batch.reqs) if r.req_id in keep])
-
-    def merge(self, batch_id: int, other_id: int) -> None:
-        """Append batch `other_id` to batch `batch_id` (new requests join the running batch)."""
-        other = self.batches.pop(other_id)
-        self.batches[batch_id] = InferBatch.concat(self.batches[batch_id], other)
-
-    def pause(self, batch_id: int, req_ids: list[int]) -> list[GenerateReq]:
-        """Free the KV of `req_ids` and hand them back for recomputation later."""
-        batch = self.batches[batch_id]
-        chosen = set(req_ids)
-        paused = [
-            GenerateReq(req_id=r.req_id, prompt_ids=r.prompt_ids, sampling=r.sampling, images=r.images,
-                        output_ids=list(r.output_ids))
-            for r in batch.reqs if r.req_id in chosen
-        ]
-        self._keep_rows(batch, [i for i, r in enumerate(batch.reqs) if r.req_id not in chosen])
-        return paused
-
-    def remove(self, batch_id: int) -> None:
-        batch = self.batches.get(batch_id)
-        if batch is not None:
-            self._keep_rows(batch, [])
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "kv_total": self.mem.size,
-            "kv_free": self.mem.can_use_mem_size,
-            "running_reqs": sum(len(b) for b in self.batches.values()),
-        }
+    def sample(self, logits: torch.Tensor) -> list[TokenOut]:
+        """Sample the rows `forward` returned logits for; requests that finish leave at once."""
+        batch, self._pending = self._pending, None
+        if batch is None:
+            return []
+        outs, keep = self._sample_and_finish(batch, logits)
+        batch = self._keep_rows(batch, keep)
+        self.decoding = InferBatch.concat(self.decoding, batch) if self._pending_joins else batch
+        return outs
 
     # ---- internals ---------------------------------------------------------------------------
-    def _sample_and_finish(self, batch: InferBatch, logits: torch.Tensor) -> list[TokenOut]:
+    def _sample_and_finish(self, batch: InferBatch, logits: torch.Tensor) -> tuple[list[TokenOut], list[int]]:
+        """One token per row; returns the outputs and the rows that go on."""
         result = sample(logits, batch.sampling, batch.steps)
         batch.steps += 1
         batch.last_ids = result.next_ids
@@ -229,15 +273,13 @@ class ModelEngine:
                 reason = None
                 keep.append(i)
             outs.append(TokenOut(req.req_id, token, logprobs[i], reason, tops[i], len(req.prompt_ids), req.seed))
-        if len(keep) < len(batch):
-            self._keep_rows(batch, keep)
-        return outs
+        return outs, keep
 
-    def _keep_rows(self, batch: InferBatch, keep: list[int]) -> None:
-        """Release the KV slots and table rows of every request not in `keep`."""
+    def _keep_rows(self, batch: InferBatch, keep: list[int]) -> Optional[InferBatch]:
+        """Release the KV slots and table rows of every request not in `keep`; the rest (None if empty)."""
         dropped = sorted(set(range(len(batch))) - set(keep))
         if not dropped:
-            return
+            return batch
         idx = torch.tensor(dropped, dtype=torch.long, device=self.device)
         rows = batch.b_req_idx.index_select(0, idx).long()
         lens = batch.b_seq_len.index_select(0, idx).long()
@@ -245,7 +287,4 @@ class ModelEngine:
         held = torch.arange(table.shape[1], device=self.device)[None, :] < lens[:, None]
         self.mem.free(table[held].long())
         self.req_manager.free(rows)
-        if keep:
-            self.batches[batch.batch_id] = batch.select(keep)
-        else:
-            self.batches.pop(batch.batch_id, None)
+        return batch.select(keep) if keep else None

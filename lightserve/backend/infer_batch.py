@@ -1,4 +1,4 @@
-"""The state of one running batch on a backend rank.
+"""The requests a backend rank holds: their prompt progress and the decoding batch.
 
 Per-request facts that the hot loop reads every step live in batch tensors (rows in batch
 order), so a decode step touches no Python object per request until the outputs are built.
@@ -7,6 +7,7 @@ order), so a decode step touches no Python object per request until the outputs 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,12 +24,21 @@ class ReqState:
     seed: int
     output_ids: list[int] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()
-    images: list[ImageItem] = field(default_factory=list)  # kept so a paused request is recomputed with them
+    images: list[ImageItem] = field(default_factory=list)
+    # While the prompt is being computed: the tokens to compute (prompt, then the output of a
+    # paused request being recomputed) and how many of them are in the KV pool.
+    input_ids: list[int] = field(default_factory=list)
+    computed: int = 0
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.computed == len(self.input_ids)
 
 
 @dataclass
 class InferBatch:
-    batch_id: int
+    """The requests whose prompt is in the pool: each step feeds their last sampled token."""
+
     reqs: list[ReqState]
     b_req_idx: torch.Tensor  # int32 [B]
     b_seq_len: torch.Tensor  # int32 [B], tokens held in KV
@@ -41,11 +51,26 @@ class InferBatch:
     def __len__(self) -> int:
         return len(self.reqs)
 
+    @classmethod
+    def build(cls, reqs: list[ReqState], vocab_size: int, device: torch.device) -> "InferBatch":
+        """Rows for requests whose prompt has just been computed."""
+        return cls(
+            reqs=reqs,
+            b_req_idx=torch.tensor([r.row for r in reqs], dtype=torch.int32, device=device),
+            b_seq_len=torch.tensor([r.computed for r in reqs], dtype=torch.int32, device=device),
+            last_ids=torch.zeros(len(reqs), dtype=torch.long, device=device),
+            steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.long, device=device),
+            max_new=torch.tensor([r.sampling.max_new_tokens for r in reqs], dtype=torch.long, device=device),
+            check_eos=torch.tensor([not r.sampling.ignore_eos for r in reqs], dtype=torch.bool, device=device),
+            sampling=SamplingBatch.build([r.sampling for r in reqs], [r.seed for r in reqs],
+                                         [r.prompt_ids for r in reqs], vocab_size, device,
+                                         output_ids=[r.output_ids for r in reqs]),
+        )
+
     def select(self, keep: list[int]) -> "InferBatch":
         """The batch restricted to rows `keep` (in that order)."""
         idx = torch.tensor(keep, dtype=torch.long, device=self.b_req_idx.device)
         return InferBatch(
-            batch_id=self.batch_id,
             reqs=[self.reqs[i] for i in keep],
             b_req_idx=self.b_req_idx.index_select(0, idx),
             b_seq_len=self.b_seq_len.index_select(0, idx),
@@ -57,9 +82,11 @@ class InferBatch:
         )
 
     @staticmethod
-    def concat(a: "InferBatch", b: "InferBatch") -> "InferBatch":
+    def concat(a: Optional["InferBatch"], b: Optional["InferBatch"]) -> Optional["InferBatch"]:
+        """Rows of `a` then rows of `b` (either may be missing)."""
+        if a is None or b is None:
+            return a if b is None else b
         return InferBatch(
-            batch_id=a.batch_id,
             reqs=a.reqs + b.reqs,
             b_req_idx=torch.cat([a.b_req_idx, b.b_req_idx]),
             b_seq_len=torch.cat([a.b_seq_len, b.b_seq_len]),

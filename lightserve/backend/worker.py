@@ -1,20 +1,21 @@
 """One backend rank: an rpyc service on a unix socket, or a follower on another node.
 
-The router sends the same `BackendCall` to every rank of this node; each rank runs the same
-step on its shard and the ranks meet in the torch.distributed collectives inside the model.
-Ranks on other nodes (multi-node tensor parallelism) cannot be reached by the router's unix
-sockets: rank 0 forwards every call to them over torch.distributed before running it, and
-they run it in lock-step. Calls and results cross every link as `serde` bytes (no pickle).
+The router sends the same `StepPlan` to every rank of this node, once per step; each rank runs
+the same step on its shard and the ranks meet in the torch.distributed collectives inside the
+model. Ranks on other nodes (multi-node tensor parallelism) cannot be reached by the router's
+unix sockets: rank 0 forwards every call to them over torch.distributed before running it, and
+they run it in lock-step. Calls and results cross every link as msgspec msgpack bytes, decoded
+into their declared types only (no pickle).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from multiprocessing.connection import Connection
 from typing import Any, Optional
 
+import msgspec
 import rpyc
 import torch
 import torch.distributed as dist
@@ -23,43 +24,36 @@ from rpyc.utils.server import OneShotServer
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.parallel import TensorParallel
 from lightserve.cache_manager import shm
-from lightserve.io_struct import BackendCall
+from lightserve.io_struct import RankCall, Shutdown, StepResult
 from lightserve.server_args import ServerArgs
-from lightserve.utils import serde
 from lightserve.utils.process import run_child
 from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
 
 logger = logging.getLogger(__name__)
 
-ENGINE_METHODS = frozenset({"prefill", "decode", "filter", "merge", "pause", "remove"})
+_CALL_DECODER = msgspec.msgpack.Decoder(RankCall)
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 class RankRunner:
-    """Executes BackendCalls on this rank's engine (and forwards them to other nodes)."""
+    """Runs the router's calls on this rank's engine (and forwards them to other nodes)."""
 
     def __init__(self, engine: ModelEngine, forward_group: Optional[Any] = None):
         self.engine = engine
         self.forward_group = forward_group  # rank 0 of a multi-node run: the group of remote ranks
-        self.last_step_s = 0.0  # time of the last prefill/decode inside this rank
+        self.calls = 0  # StepPlans run: one per router step
 
     def run(self, payload: bytes) -> bytes:
         if self.forward_group is not None:
             broadcast_bytes(payload, self.forward_group)
-        return serde.dumps(self.execute(serde.loads(payload)))
+        return _ENCODER.encode(self.execute(_CALL_DECODER.decode(payload)))
 
-    def execute(self, call: BackendCall) -> Any:
-        if call.method == "stats":
-            return {**self.engine.stats(), "last_step_s": self.last_step_s}
-        if call.method == "shutdown":
+    def execute(self, call: RankCall) -> Optional[StepResult]:
+        if isinstance(call, Shutdown):
             return None
-        if call.method not in ENGINE_METHODS:
-            raise ValueError(f"unknown backend method {call.method!r}")
-        t0 = time.perf_counter()
-        result = getattr(self.engine, call.method)(*call.args)
-        if call.method in ("prefill", "decode"):
-            self.last_step_s = time.perf_counter() - t0
-        return result
+        self.calls += 1
+        return self.engine.step(call)
 
 
 class ModelWorkerService(rpyc.Service):
@@ -85,11 +79,11 @@ def follow(runner: RankRunner, group) -> None:
     """Remote-node rank: run what rank 0 forwards until it says shutdown or goes away."""
     while True:
         try:
-            call = serde.loads(broadcast_bytes(None, group))
+            call = _CALL_DECODER.decode(broadcast_bytes(None, group))
         except RuntimeError as e:  # gloo: the connection to node 0 closed
             logger.info("node 0 went away (%s); stopping", str(e).splitlines()[0][:120])
             return
-        if call.method == "shutdown":
+        if isinstance(call, Shutdown):
             return
         runner.execute(call)
 

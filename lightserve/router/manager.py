@@ -9,7 +9,6 @@ from multiprocessing.connection import Connection
 import zmq
 
 from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
-from lightserve.router.req_queue import ReqQueue
 from lightserve.router.scheduler import Scheduler
 from lightserve.router.stats_log import StatsLog
 from lightserve.router.worker_client import WorkerGroup
@@ -51,18 +50,9 @@ class RouterManager:
         self._last_stats_time = 0.0
         self._unpublished = True  # something changed since the last RouterStats
         self.workers = WorkerGroup(paths, args.ranks_of_node())
-        self.max_total_token_num = max_total_token_num
-        self.queue = ReqQueue(
-            max_total_token_num=max_total_token_num,
-            running_max_req_size=args.running_max_req_size,
-            batch_max_tokens=args.resolved_batch_max_tokens(),
-            router_token_ratio=args.router_token_ratio,
-            router_max_new_token_len=args.router_max_new_token_len if args.router_token_ratio > 0 else None,
-            max_req_total_len=args.max_req_total_len,
-        )
-        self.scheduler = Scheduler(self.queue, self.workers, args.router_max_wait_tokens, max_total_token_num)
+        self.scheduler = Scheduler.for_server(args, self.workers, max_total_token_num)
+        self.queue = self.scheduler.queue
         self.stats_log = StatsLog(args.log_stats_interval)
-        self._pool: dict[str, int] = {}  # rank 0's last KV figures
 
     def close(self) -> None:
         """Drop the links (messages not yet delivered are discarded: nobody is left to read them)."""
@@ -89,7 +79,7 @@ class RouterManager:
             self._unpublished = True
 
     def fail_batch(self, exc: Exception) -> list[TokenOut]:
-        """The requests of the backend call that raised end with an error; the router serves on."""
+        """The requests of the step that raised end with an error; the router serves on."""
         failed = self.scheduler.fail_step()
         # rpyc appends the remote traceback to the message: its first line is the error itself.
         logger.error("router: backend call failed (%s: %s); failed %d request(s): %s", type(exc).__name__,
@@ -98,27 +88,26 @@ class RouterManager:
 
     def publish_stats(self) -> None:
         """Send RouterStats at most every STATS_INTERVAL_S while busy, and once on going idle
-        (so an idle pool reads as free). KV figures come from rank 0's pool itself."""
+        (so an idle pool reads as free). KV figures come from rank 0's pool itself, as its last
+        step reported them."""
         now = time.monotonic()
         if not self._unpublished:
             return
         if self.scheduler.has_work and now - self._last_stats_time < STATS_INTERVAL_S:
             return
-        self._pool = pool = self.workers.stats()
+        s = self.scheduler
         stats = RouterStats(
-            kv_total=pool["kv_total"], kv_used=pool["kv_total"] - pool["kv_free"],
-            running_reqs=len(self.scheduler.running), waiting_reqs=len(self.queue),
-            queue_times=self.scheduler.take_queue_times(),
+            kv_total=s.kv_total, kv_used=s.kv_total - s.kv_free, running_reqs=len(s.running),
+            waiting_reqs=len(self.queue), queue_times=s.take_queue_times(),
         )
         self.to_http.send(serde.dumps(stats))
         self._last_stats_time = now
         self._unpublished = self.scheduler.has_work  # keep reporting while busy
 
     def log_stats(self) -> None:
-        s, pool = self.scheduler, self._pool
-        kv_used = pool["kv_total"] - pool["kv_free"] if pool else None
-        self.stats_log.maybe_log(s.prompt_tokens, s.generated_tokens, len(s.running), len(self.queue), kv_used,
-                                 pool.get("kv_total"))
+        s = self.scheduler
+        self.stats_log.maybe_log(s.prompt_tokens, s.generated_tokens, len(s.running), len(self.queue),
+                                 s.kv_total - s.kv_free, s.kv_total)
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""

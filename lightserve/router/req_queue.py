@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from lightserve.io_struct import GenerateReq
+from lightserve.server_args import ServerArgs
 
 # Optimistic mode without `router_max_new_token_len`: the guess of a request's output length is
 # this quantile of the output lengths of recently finished requests. A high quantile keeps the
@@ -62,10 +63,13 @@ class RunningReqInfo:
     """What admission needs to know about one request of the running batch."""
 
     req_id: int  # ids grow with arrival (one counter in the httpserver): higher = newer
-    held_tokens: int  # KV slots held: prompt + tokens generated so far
+    held_tokens: int  # KV slots held once its prompt is in: prompt + tokens generated so far
     max_new_tokens: int
     generated: int
     ignore_eos: bool = False  # such a request surely runs to max_new_tokens: never guessed shorter
+    # False while part of its prompt is still to be computed after the coming step (chunked
+    # prefill): it does not yet generate one token per step like the others (see `ReqQueue`).
+    in_lockstep: bool = True
 
 
 @dataclass(slots=True)
@@ -96,6 +100,22 @@ class ReqQueue:
       needs the full `max_new_tokens`.
     - `max_req_total_len`: most prompt + generated tokens of one request (the token table width),
       checked at the door only.
+    - `chunked`: prompts are computed in chunks within a per-step token budget, beside the decode
+      rows (`--chunked_prefill_size` > 0); `batch_max_tokens` then does not apply.
+
+    Chunked prefill and the no-pause promise. `peak_kv_demand` assumes every request generates
+    one token per step from now on. A request whose prompt is still being computed in chunks
+    does not: it may start generating many steps later, and then finish later than the formula
+    assumes, still holding its slots when the formula counted them free. Such a request is
+    therefore counted at its most, `held + left`, for as long as it stays out of lockstep:
+
+        demand <= peak_kv_demand(lockstep requests) + sum(held + left of the others).
+
+    A request enters lockstep in the step that computes the rest of its prompt, so admission
+    counts a new request as in lockstep when its whole prompt fits in what is left of the
+    step's token budget. The bound holds at every step from the state it was computed on, and
+    admission keeps it within the pool, so conservative mode still never pauses and never runs
+    out, chunked or not.
     """
 
     def __init__(
@@ -106,6 +126,7 @@ class ReqQueue:
         router_token_ratio: float = 0.0,
         router_max_new_token_len: Optional[int] = None,
         max_req_total_len: Optional[int] = None,
+        chunked: bool = False,
     ):
         if max_total_token_num < 1 or running_max_req_size < 1 or batch_max_tokens < 1:
             raise ValueError("max_total_token_num, running_max_req_size and batch_max_tokens must be positive")
@@ -119,8 +140,23 @@ class ReqQueue:
         self.router_token_ratio = router_token_ratio
         self.router_max_new_token_len = router_max_new_token_len
         self.max_req_total_len = max_req_total_len
+        self.chunked = chunked
         self._waiting: deque[_Waiting] = deque()
         self._observed_output: deque[int] = deque(maxlen=OBSERVED_OUTPUT_WINDOW)
+
+    @classmethod
+    def from_args(cls, args: ServerArgs, max_total_token_num: int) -> "ReqQueue":
+        """The queue of a server (router process) or of the offline `LLM`: one place, one policy."""
+        optimistic = args.router_token_ratio > 0
+        return cls(
+            max_total_token_num=max_total_token_num,
+            running_max_req_size=args.running_max_req_size,
+            batch_max_tokens=args.resolved_batch_max_tokens(),
+            router_token_ratio=args.router_token_ratio,
+            router_max_new_token_len=args.router_max_new_token_len if optimistic else None,
+            max_req_total_len=args.max_req_total_len,
+            chunked=args.chunked_prefill_size > 0,
+        )
 
     # ---- the door ----------------------------------------------------------------------------
     def check_request_fits(self, prompt_len: int, max_new_tokens: int) -> Optional[str]:
@@ -141,7 +177,7 @@ class ReqQueue:
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
                 f"exceeds the KV cache capacity ({self.max_total_token_num} tokens)"
             )
-        if prompt_len > self.batch_max_tokens:
+        if not self.chunked and prompt_len > self.batch_max_tokens:
             return f"prompt ({prompt_len} tokens) exceeds batch_max_tokens ({self.batch_max_tokens})"
         return None
 
@@ -179,33 +215,47 @@ class ReqQueue:
         self._observed_output.append(output_len)
 
     # ---- admission ---------------------------------------------------------------------------
-    def generate_new_batch(self, running: Sequence[RunningReqInfo]) -> list[GenerateReq]:
+    def generate_new_batch(self, running: Sequence[RunningReqInfo],
+                           prefill_budget: Optional[int] = None) -> list[GenerateReq]:
         """Take from the head of the queue the requests that may start now, in FIFO order.
 
         Stops at the first request that does not fit (KV peak, batch size or prefill tokens):
-        skipping it for smaller ones behind could starve a big request forever. The first
-        request of a new batch is exempt from `batch_max_tokens` (a resumed request's recompute
-        may exceed it; a fresh one was checked at the door), so the head can always start once
-        the running batch is empty.
+        skipping it for smaller ones behind could starve a big request forever.
+
+        `prefill_budget`: chunked mode, the prompt tokens this step may still compute. A request
+        whose whole prompt fits in it is counted in lockstep; the first one that does not fit
+        takes the rest of the budget (it continues next steps) and ends the batch.
+        Unchunked: the first request of a new batch is exempt from `batch_max_tokens` (a resumed
+        request's recompute may exceed it; a fresh one was checked at the door), so the head can
+        always start once the running batch is empty.
         """
         room = self.running_max_req_size - len(running)
-        if room <= 0 or not self._waiting:
+        if room <= 0 or not self._waiting or (prefill_budget is not None and prefill_budget <= 0):
             return []
-        held = np.fromiter((r.held_tokens for r in running), dtype=np.int64, count=len(running))
-        guess = self._output_len_guess() if self._is_optimistic(int(held.sum())) else None
-        left = self._estimate_left(
+        guess = self._output_len_guess() if self._is_optimistic(sum(r.held_tokens for r in running)) else None
+        left_all = self._estimate_left(
             np.fromiter((r.max_new_tokens for r in running), dtype=np.int64, count=len(running)),
             np.fromiter((r.generated for r in running), dtype=np.int64, count=len(running)),
             np.fromiter((r.ignore_eos for r in running), dtype=bool, count=len(running)),
             guess,
         )
+        held_all = np.fromiter((r.held_tokens for r in running), dtype=np.int64, count=len(running))
+        lockstep = np.fromiter((r.in_lockstep for r in running), dtype=bool, count=len(running))
+        held, left = held_all[lockstep], left_all[lockstep]
+        reserved = int((held_all[~lockstep] + left_all[~lockstep]).sum())  # counted at their most
         admitted: list[GenerateReq] = []
         prefill_tokens = 0
         for w in self._waiting:
             if len(admitted) == room:
                 break
-            if admitted and prefill_tokens + w.held > self.batch_max_tokens:
-                break
+            if prefill_budget is None:
+                if admitted and prefill_tokens + w.held > self.batch_max_tokens:
+                    break
+                joins_lockstep = True
+            else:
+                if prefill_tokens >= prefill_budget:
+                    break
+                joins_lockstep = prefill_tokens + w.held <= prefill_budget
             sampling = w.req.sampling
             w_left = self._estimate_left(
                 np.array([sampling.max_new_tokens]),
@@ -213,13 +263,17 @@ class ReqQueue:
                 np.array([sampling.ignore_eos]),
                 guess,
             )
-            cand_held = np.append(held, w.held)
-            cand_left = np.append(left, w_left)
-            if peak_kv_demand(cand_held, cand_left) > self.max_total_token_num:
+            if joins_lockstep:
+                cand_held, cand_left, cand_reserved = np.append(held, w.held), np.append(left, w_left), reserved
+            else:
+                cand_held, cand_left, cand_reserved = held, left, reserved + w.held + int(w_left[0])
+            if peak_kv_demand(cand_held, cand_left) + cand_reserved > self.max_total_token_num:
                 break
-            held, left = cand_held, cand_left
+            held, left, reserved = cand_held, cand_left, cand_reserved
             prefill_tokens += w.held
             admitted.append(w.req)
+            if not joins_lockstep:
+                break  # it takes the rest of the step's budget
         for _ in admitted:
             self._waiting.popleft()
         return admitted

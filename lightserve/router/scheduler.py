@@ -1,82 +1,111 @@
-"""The router's step: admit, run (prefill or decode), account.
+"""The router's step: schedule tokens, run one step on every rank, account.
 
-Shared by the router process (backend = the tensor-parallel workers over rpyc) and the
-offline `LLM` (backend = an in-process `ModelEngine`), so there is one scheduling policy.
+Shared by the router process (backend = the tensor-parallel ranks over rpyc) and the offline
+`LLM` (backend = an in-process `ModelEngine`), so there is one scheduling policy.
+
+Every running request carries `computed`, the number of its tokens (prompt, then output) whose
+KV is in the pool. A step schedules tokens, not phases: each decoding request computes its last
+sampled token, and requests still computing their prompt get chunks of it within the step's
+token budget (`--chunked_prefill_size`); a chunk that reaches the end of the prompt samples the
+request's first token. With a budget of 0 a step is either a whole-prompt prefill of newly
+admitted requests or a decode step (the wave-1 behaviour).
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from lightserve.io_struct import GenerateReq, TokenOut
+from lightserve.io_struct import Chunk, GenerateReq, StepPlan, StepResult, TokenOut
 from lightserve.router.req_queue import ReqQueue, RunningReqInfo
+from lightserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """The batch operations of DESIGN §3 (`ModelEngine`, or all ranks through rpyc)."""
+    """Runs one StepPlan (`ModelEngine`, or every rank through rpyc)."""
 
-    def prefill(self, batch_id: int, reqs: list[GenerateReq]) -> list[TokenOut]: ...
-    def decode(self, batch_id: int) -> list[TokenOut]: ...
-    def filter(self, batch_id: int, keep_req_ids: list[int]) -> None: ...
-    def merge(self, batch_id: int, other_id: int) -> None: ...
-    def pause(self, batch_id: int, req_ids: list[int]) -> list[GenerateReq]: ...
-    def remove(self, batch_id: int) -> None: ...
+    def step(self, plan: StepPlan) -> StepResult: ...
 
 
 @dataclass
 class RunningReq:
     req: GenerateReq
-    generated: int  # tokens generated, incl. those recomputed after a pause
+    output_ids: list[int] = field(default_factory=list)  # incl. tokens from before a pause
+    computed: int = 0  # tokens whose KV is in the pool
+    decoding: bool = False  # its prompt is in and it has sampled: one token per step from now on
 
-    def info(self) -> RunningReqInfo:
+    @property
+    def num_tokens(self) -> int:
+        return len(self.req.prompt_ids) + len(self.output_ids)
+
+    @property
+    def uncomputed(self) -> int:
+        return self.num_tokens - self.computed
+
+    def info(self, in_lockstep: bool) -> RunningReqInfo:
         return RunningReqInfo(
             req_id=self.req.req_id,
-            held_tokens=len(self.req.prompt_ids) + self.generated,
+            held_tokens=self.num_tokens,
             max_new_tokens=self.req.sampling.max_new_tokens,
-            generated=self.generated,
+            generated=len(self.output_ids),
             ignore_eos=self.req.sampling.ignore_eos,
+            in_lockstep=in_lockstep,
         )
+
+    def paused(self) -> GenerateReq:
+        """The request to requeue: its output so far is recomputed with the prompt on resume."""
+        r = self.req
+        return GenerateReq(req_id=r.req_id, prompt_ids=r.prompt_ids, sampling=r.sampling, images=r.images,
+                           arrival_time=r.arrival_time, output_ids=list(self.output_ids))
 
 
 class Scheduler:
-    def __init__(self, queue: ReqQueue, backend: Backend, max_wait_steps: int, max_total_token_num: int):
+    def __init__(self, queue: ReqQueue, backend: Backend, max_total_token_num: int, chunked_prefill_size: int,
+                 max_wait_steps: int):
         self.queue = queue
         self.backend = backend
-        self.max_wait_steps = max_wait_steps
         self.max_total_token_num = max_total_token_num
-        self.running: dict[int, RunningReq] = {}
-        self.batch_id: Optional[int] = None  # the one running batch on the backend
-        self._batch_ids = itertools.count()
+        self.chunked_prefill_size = chunked_prefill_size
+        self.max_wait_steps = max_wait_steps
+        self.running: dict[int, RunningReq] = {}  # in admission order
         self._steps_since_admission = 0
-        self._aborted: set[int] = set()
+        self._to_release: list[int] = []  # aborted or stopped since the last step
         self._queue_times: list[float] = []
-        self._prefilling: Optional[tuple[int, list[int]]] = None  # (batch id, request ids) in flight
-        self._unmerged: Optional[int] = None  # a prefilled batch whose merge is in flight
-        # Running totals for the stats log: tokens prefilled (incl. recomputed after a pause)
-        # and tokens generated.
+        # The pool as the ranks last reported it (rank 0), for /metrics and the stats log.
+        self.kv_total = max_total_token_num
+        self.kv_free = max_total_token_num
+        # Running totals for the stats log: prompt tokens computed (incl. recomputed after a
+        # pause), tokens generated, and steps run (one call per rank each).
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.steps = 0
+
+    @classmethod
+    def for_server(cls, args: ServerArgs, backend: Backend, max_total_token_num: int) -> "Scheduler":
+        """The scheduler of a server's router or of the offline `LLM`, from the same settings."""
+        return cls(ReqQueue.from_args(args, max_total_token_num), backend, max_total_token_num,
+                   args.chunked_prefill_size, args.router_max_wait_tokens)
 
     # ---- inputs ------------------------------------------------------------------------------
     def add(self, req: GenerateReq) -> None:
         self.queue.append(req)
 
     def abort(self, req_id: int) -> None:
-        """Forget a request: dropped from the queue now, from the running batch next step."""
-        if not self.queue.abort(req_id) and req_id in self.running:
-            self._aborted.add(req_id)
+        """Forget a request: dropped from the queue now, its KV freed by the next step."""
+        if not self.queue.abort(req_id) and self.running.pop(req_id, None) is not None:
+            self._to_release.append(req_id)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running) or len(self.queue) > 0
+        return bool(self.running) or len(self.queue) > 0 or bool(self._to_release)
 
     def kv_used(self) -> int:
-        """KV slots the running requests hold (each holds prompt + generated - 1: the last
-        sampled token enters the cache on the next step)."""
-        return sum(len(r.req.prompt_ids) + r.generated - 1 for r in self.running.values())
+        """KV slots the running requests hold (exact: a rank allocates one per computed token)."""
+        return sum(r.computed for r in self.running.values())
 
     def take_queue_times(self) -> list[float]:
         """Queue waits of the requests admitted since the last call."""
@@ -85,106 +114,116 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[TokenOut]:
-        self._prefilling = self._unmerged = None
-        self._drop_aborted()
-        new_reqs = self._admit()
-        if new_reqs:
-            outs = self._prefill(new_reqs)
-        elif self.running:
-            self._make_room_for_decode()
-            outs = self.backend.decode(self.batch_id) if self.running else []
-            self._steps_since_admission += 1
+        plan = self.schedule()
+        if not (plan.new_reqs or plan.chunks or plan.decode or plan.release):
+            return []
+        result = self.backend.step(plan)
+        self.steps += 1
+        self.kv_total, self.kv_free = result.kv_total, result.kv_free
+        self._account(plan, result.outs)
+        return result.outs
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(release=self._to_release)
+        self._to_release = []
+        if self.chunked_prefill_size > 0:
+            self._schedule_chunked(plan)
         else:
-            return []
-        self._account(outs)
-        return outs
+            self._schedule_whole(plan)
+        return plan
 
-    # ---- parts of the step -------------------------------------------------------------------
-    def _admit(self) -> list[GenerateReq]:
-        if not len(self.queue):
-            return []
-        if self.running and self._steps_since_admission < self.max_wait_steps:
-            return []
-        self._steps_since_admission = 0
-        return self.queue.generate_new_batch([r.info() for r in self.running.values()])
+    def _schedule_whole(self, plan: StepPlan) -> None:
+        """Budget 0: admit and prefill whole prompts in a step of their own, else decode."""
+        self._make_room(plan, need=len(self.running))
+        waited = self._steps_since_admission >= self.max_wait_steps
+        if len(self.queue) and (not self.running or waited):
+            self._steps_since_admission = 0
+            new = self.queue.generate_new_batch(self._infos(set()))
+            if new:
+                self._start(plan, new)
+                plan.chunks = [Chunk(r.req_id, self.running[r.req_id].uncomputed) for r in new]
+                return
+        plan.decode = bool(self.running)
+        self._steps_since_admission += 1
 
-    def _prefill(self, reqs: list[GenerateReq]) -> list[TokenOut]:
-        new_id = next(self._batch_ids)
-        self._prefilling = (new_id, [r.req_id for r in reqs])
-        outs = self.backend.prefill(new_id, reqs)
-        self._prefilling = None
-        self.prompt_tokens += sum(len(r.prompt_ids) + len(r.output_ids) for r in reqs)
+    def _schedule_chunked(self, plan: StepPlan) -> None:
+        """Decode rows first, then prompt chunks in admission order, then new requests, within
+        the step's token budget."""
+        decoding = [r for r in self.running.values() if r.decoding]
+        prefilling = [r for r in self.running.values() if not r.decoding]
+        need = len(decoding) + min(sum(r.uncomputed for r in prefilling), self.chunked_prefill_size)
+        self._make_room(plan, need)
+        plan.decode = any(r.decoding for r in self.running.values())
+        budget = self.chunked_prefill_size - sum(r.decoding for r in self.running.values())
+        finishing: set[int] = set()  # requests whose prompt completes this step
+        for r in self.running.values():
+            if r.decoding or budget <= 0:
+                continue
+            n = min(r.uncomputed, budget)
+            plan.chunks.append(Chunk(r.req.req_id, n))
+            budget -= n
+            if n == r.uncomputed:
+                finishing.add(r.req.req_id)
+        if budget > 0 and len(self.queue):
+            new = self.queue.generate_new_batch(self._infos(finishing), prefill_budget=budget)
+            self._start(plan, new)
+            for r in new:
+                n = min(self.running[r.req_id].uncomputed, budget)
+                plan.chunks.append(Chunk(r.req_id, n))
+                budget -= n
+
+    def _infos(self, finishing: set[int]) -> list[RunningReqInfo]:
+        return [r.info(in_lockstep=r.decoding or r.req.req_id in finishing) for r in self.running.values()]
+
+    def _start(self, plan: StepPlan, new: list[GenerateReq]) -> None:
         now = time.time()
-        for r in reqs:
-            self.running[r.req_id] = RunningReq(r, len(r.output_ids))
-            self._queue_times.append(now - r.arrival_time)
-        if self.batch_id is None:
-            self.batch_id = new_id
-        else:
-            self._unmerged = new_id
-            self.backend.merge(self.batch_id, new_id)
-            self._unmerged = None
-        return outs
+        for req in new:
+            self.running[req.req_id] = RunningReq(req, list(req.output_ids))
+            self._queue_times.append(now - req.arrival_time)
+        plan.new_reqs = new
 
-    def _account(self, outs: list[TokenOut]) -> None:
-        self.generated_tokens += len(outs)
-        for out in outs:
-            running = self.running[out.req_id]
-            running.generated += 1
-            if out.finish_reason is not None:  # the backend already freed its KV
-                del self.running[out.req_id]
-                self.queue.record_finished(running.generated)
-        self._reset_if_idle()
-
-    def _drop_aborted(self) -> None:
-        gone = self._aborted & self.running.keys()
-        self._aborted.clear()
-        if not gone:
-            return
-        for req_id in gone:
-            del self.running[req_id]
-        self.backend.filter(self.batch_id, list(self.running))
-        self._reset_if_idle()
-
-    def _make_room_for_decode(self) -> None:
-        """Optimistic admission only: pause the newest requests if the next step would not fit."""
+    def _make_room(self, plan: StepPlan, need: int) -> None:
+        """Optimistic admission only: pause the newest requests if this step's tokens would not
+        fit in the pool. (Conservative admission never gets here with too little room.)"""
         free = self.max_total_token_num - self.kv_used()
-        if free >= len(self.running):
+        if free >= need:
             return
-        victims = self.queue.select_requests_to_pause([r.info() for r in self.running.values()], len(self.running) - free)
-        paused = self.backend.pause(self.batch_id, victims)
-        for req_id in victims:
-            del self.running[req_id]
-        self.queue.requeue_paused(paused)
-        self._reset_if_idle()
+        infos = [RunningReqInfo(r.req.req_id, r.computed, r.req.sampling.max_new_tokens, len(r.output_ids))
+                 for r in self.running.values()]
+        for req_id in self.queue.select_requests_to_pause(infos, need - free):
+            self.queue.requeue_paused([self.running.pop(req_id).paused()])
+            plan.release.append(req_id)
 
-    def _reset_if_idle(self) -> None:
-        if not self.running and self.batch_id is not None:
-            self.backend.remove(self.batch_id)
-            self.batch_id = None
+    def _account(self, plan: StepPlan, outs: list[TokenOut]) -> None:
+        for out in outs:
+            if out.error is not None and self.running.pop(out.req_id, None) is not None:
+                # Refused by the ranks at admission: it computed nothing.
+                logger.error("router: request %d refused by the backend: %s", out.req_id, out.error)
+        for c in plan.chunks:
+            if (r := self.running.get(c.req_id)) is not None:
+                r.computed += c.num_tokens
+                self.prompt_tokens += c.num_tokens
+        if plan.decode:
+            for r in self.running.values():
+                if r.decoding:
+                    r.computed += 1
+        for out in outs:
+            r = self.running.get(out.req_id)
+            if r is None:
+                continue
+            self.generated_tokens += 1
+            r.output_ids.append(out.token_id)
+            r.decoding = True
+            if out.finish_reason is not None:  # the ranks already freed its KV
+                del self.running[out.req_id]
+                self.queue.record_finished(len(r.output_ids))
 
     # ---- recovery ----------------------------------------------------------------------------
     def fail_step(self) -> list[int]:
-        """After a backend call of `step()` raised: drop the requests it concerned, free their
-        KV on the backend, and return their ids (the caller tells their clients).
-
-        No search for the one request at fault. A failed prefill touched only its new batch, so
-        the running batch goes on. Any other failed call (decode, filter, pause, merge) may have
-        left the running batch half-updated on the backend (decode allocates KV and lengthens
-        every sequence before the model runs), so every running request fails with it. If the
-        removal raises too, the backend is beyond repair and the error propagates.
-        """
-        if self._prefilling is not None:
-            batch_id, failed = self._prefilling
-            self._prefilling = None
-            self.backend.remove(batch_id)
-            return failed
+        """After `backend.step` raised: the ranks dropped every request and freed all KV (see
+        `ModelEngine.step`), so every running request fails; their ids are returned for the
+        caller to tell their clients."""
         failed = list(self.running)
         self.running.clear()
-        # A merge that raised may have left the new batch registered on its own (removing a
-        # batch the backend no longer has is a no-op).
-        for batch_id in (self.batch_id, self._unmerged):
-            if batch_id is not None:
-                self.backend.remove(batch_id)
-        self.batch_id = self._unmerged = None
+        self._to_release.clear()
         return failed

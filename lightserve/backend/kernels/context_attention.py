@@ -7,9 +7,7 @@ rows [b_q_start[i], b_q_start[i] + b_new_len[i]) and those tokens sit at positio
 is already in the pool (cached or computed earlier) is attended like the new tokens. A query
 at position p sees positions <= p.
 
-The same kernel serves two sources: the TokenAttention pool with ``req_to_token`` (K/V written
-before the call), or the packed k/v of the new tokens themselves with a table that maps
-position j of request i to packed row b_q_start[i] + j (`packed_table`; no prefix possible).
+K/V come from the TokenAttention pool through ``req_to_token``, written before the call.
 
 Grid (requests, q_heads, query blocks): each program holds a [BLOCK_M, D] block of queries of
 one head and streams [BLOCK_N, D] K/V tiles with an online softmax, stopping at the block's
@@ -49,15 +47,6 @@ def context_launch(head_dim: int) -> ContextLaunch:
     if head_dim <= 128:
         return ContextLaunch(block_m=64, block_n=64, num_warps=4, num_stages=2)
     return ContextLaunch(block_m=32, block_n=32, num_warps=4, num_stages=2)
-
-
-def packed_table(b_q_start: torch.Tensor, max_new_len: int) -> torch.Tensor:
-    """Table [B, max_new_len] int32 mapping position j of request i to packed row b_q_start[i] + j.
-
-    Entries past a request's length point at other requests' rows; the kernel never reads them.
-    """
-    cols = torch.arange(max_new_len, dtype=torch.int32, device=b_q_start.device)
-    return (b_q_start.to(torch.int32)[:, None] + cols[None, :]).contiguous()
 
 
 @triton.jit

@@ -4,10 +4,8 @@ Same interface as `attention.TorchAttention`. `begin_step` prepares, once per fo
 every layer's launch needs (the decode split plan and its scratch buffers; the prefill row
 offsets), so the per-layer calls are kernel launches only.
 
-Prefill reads K/V through the token table when the layer passes its pool
-(``prefill(q, k, v, state, kv_cache=(k_cache, v_cache))``, K/V already written): that also covers
-a prefix already in the pool. Without the pool it attends the packed new k/v directly, which is
-only valid when the requests have no prefix (checked).
+Prefill reads K/V through the token table from the layer's pool (K/V already written), so a chunk
+whose prompt began in an earlier step attends to that prefix like to its new tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +16,8 @@ from typing import Optional
 import torch
 
 from lightserve.backend.forward_state import ForwardState
-from lightserve.backend.kernels.context_attention import context_attention, packed_table
+from lightserve.backend.attention import MixedStepAttention
+from lightserve.backend.kernels.context_attention import context_attention
 from lightserve.backend.kernels.ops import TritonOps
 from lightserve.backend.kernels.runtime import check_device
 from lightserve.backend.kernels.token_attention_decode import DecodePlan, plan_decode, token_attention_decode
@@ -26,17 +25,22 @@ from lightserve.backend.kernels.token_attention_decode import DecodePlan, plan_d
 
 @dataclass
 class PrefillPlan:
-    """Per-step prefill metadata on the device, shared by all layers."""
+    """Per-step metadata of the prefill rows on the device, shared by all layers."""
 
-    b_new_len: torch.Tensor  # int32 [B]
-    b_q_start: torch.Tensor  # int32 [B], first packed row of each request
+    b_req_idx: torch.Tensor  # int32 [P], table row of each prefill row
+    b_seq_len: torch.Tensor  # int32 [P], positions in the pool after this step
+    b_new_len: torch.Tensor  # int32 [P]
+    b_q_start: torch.Tensor  # int32 [P], first packed row of each chunk among the prefill tokens
     max_new_len: int
-    has_prefix: bool  # some request already had positions in the pool before this step
-    packed_rows: torch.Tensor  # int32 [B] = arange: row i of `packed_table` belongs to request i
-    packed_table: torch.Tensor  # int32 [B, max_new_len]: position -> packed row of the new k/v
 
 
-class TritonAttention:
+@dataclass
+class StepPlan:
+    decode: Optional[DecodePlan] = None
+    prefill: Optional[PrefillPlan] = None
+
+
+class TritonAttention(MixedStepAttention):
     name = "triton"
     ops = TritonOps  # the layer template runs norms, rotary, SiLU-mul and the KV write on Triton too
 
@@ -56,41 +60,32 @@ class TritonAttention:
     def begin_step(self, state: ForwardState) -> None:
         device = state.req_to_token.device
         check_device(device)
-        if not state.is_prefill:
-            state.attn_meta = plan_decode(state.batch_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                                          state.max_seq_len, device, self.split_len)
-            return
-        new_len = torch.tensor(state.b_new_len, dtype=torch.int32, device=device)
-        q_start = torch.tensor(state.b_start, dtype=torch.int32, device=device)
-        max_new = max(state.b_new_len, default=0)
-        state.attn_meta = PrefillPlan(
-            b_new_len=new_len,
-            b_q_start=q_start,
-            max_new_len=max_new,
-            has_prefix=bool((state.b_seq_len.to(torch.int32) != new_len).any()),
-            packed_rows=torch.arange(len(state.b_new_len), dtype=torch.int32, device=device),
-            packed_table=packed_table(q_start, max_new),
-        )
+        plan = StepPlan()
+        nd = state.num_decode
+        if nd:
+            plan.decode = plan_decode(nd, self.num_heads, self.num_kv_heads, self.head_dim, state.decode_max_len,
+                                      device, self.split_len)
+        if state.num_prefill:
+            plan.prefill = PrefillPlan(
+                b_req_idx=state.b_req_idx[nd:].to(torch.int32),
+                b_seq_len=state.b_seq_len[nd:].to(torch.int32),
+                b_new_len=torch.tensor(state.b_new_len, dtype=torch.int32, device=device),
+                b_q_start=torch.tensor(state.b_start, dtype=torch.int32, device=device),
+                max_new_len=max(state.b_new_len),
+            )
+        state.attn_meta = plan
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
-                kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; causal within each request.
-
-        With `kv_cache` (the layer's pool, new K/V already written), K/V of every position are read
-        through ``state.req_to_token``; otherwise the packed k/v are attended directly.
-        """
-        plan: PrefillPlan = state.attn_meta
-        if kv_cache is not None:
-            return context_attention(q, kv_cache[0], kv_cache[1], state.req_to_token, state.b_req_idx,
-                                     state.b_seq_len, plan.b_new_len, plan.b_q_start, plan.max_new_len, self.scale)
-        if plan.has_prefix:
-            raise ValueError("prefill of requests with a prefix in the KV pool needs kv_cache=(k_cache, v_cache)")
-        return context_attention(q, k, v, plan.packed_table, plan.packed_rows, plan.b_new_len, plan.b_new_len,
-                                 plan.b_q_start, plan.max_new_len, self.scale)
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q [T, Hq, D] of the prefill rows' new tokens; K/V of every position (a prefix from
+        earlier steps and the new tokens, already written) read through ``state.req_to_token``."""
+        plan: PrefillPlan = state.attn_meta.prefill
+        return context_attention(q, kv_cache[0], kv_cache[1], state.req_to_token, plan.b_req_idx, plan.b_seq_len,
+                                 plan.b_new_len, plan.b_q_start, plan.max_new_len, self.scale)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                state: ForwardState) -> torch.Tensor:
-        """q [B, Hq, D] of the one new token per request; K/V read through the token table in place."""
-        plan: DecodePlan = state.attn_meta
-        return token_attention_decode(q, k_cache, v_cache, state.req_to_token, state.b_req_idx, state.b_seq_len,
-                                      plan, self.scale)
+        """q [B, Hq, D] of the decode rows' one new token each; K/V read through the token table in place."""
+        nd = state.num_decode
+        return token_attention_decode(q, k_cache, v_cache, state.req_to_token, state.b_req_idx[:nd],
+                                      state.b_seq_len[:nd], state.attn_meta.decode, self.scale)

@@ -101,10 +101,7 @@ class DecoderLayer:
         self.ops.write_kv(kv[0], kv[1], state.out_slots, k, v)
 
     def attend(self, q, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> torch.Tensor:
-        if state.is_prefill:
-            o = self.attention.prefill(q, k, v, state, kv_cache=kv)
-        else:
-            o = self.attention.decode(q, kv[0], kv[1], state)
+        o = self.attention.forward(q, k, v, kv, state)
         return o.reshape(o.shape[0], self.q_size)
 
     def o_proj(self, o: torch.Tensor) -> torch.Tensor:
@@ -178,7 +175,7 @@ class CausalLM:
     # ---- the pass ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: ForwardState, kv_cache, logits_rows: torch.Tensor) -> torch.Tensor:
         """Run all layers; return fp32 logits [len(logits_rows), vocab] for the chosen rows only
-        (the lm_head is the largest matmul, so prefill computes only each request's last row)."""
+        (the lm_head is the largest matmul, so a prefill chunk computes at most its last row)."""
         self.rotary.ensure(state.max_seq_len)
         state.cos, state.sin = self.rotary.lookup(state.positions)
         self.attention.begin_step(state)
