@@ -233,6 +233,11 @@ class ModelEngine:
         self._pending_joins = decoding is None
         return logits
 
+    @property
+    def sampling_req_ids(self) -> list[int]:
+        """The requests of the logits rows the last `forward` returned, in row order."""
+        return [r.req_id for r in self._pending.reqs] if self._pending is not None else []
+
     def _add_images(self, state: ForwardState, chunks: list[tuple[ReqState, int]]) -> None:
         with_images = [ChunkImages(req.req_id, req.images, req.computed, n, state.num_decode + start)
                        for (req, n), start in zip(chunks, state.b_start) if req.images]

@@ -149,7 +149,7 @@ class RadixTree:
             raise ValueError("dec_ref on a node that holds no lock")
         while node is not self.root:
             node.ref_count -= 1
-            if node.ref_count == 0:
+            if node.ref_count == 1:
                 self._protected -= len(node.key)
                 self._evictable += len(node.key)
             node = node.parent

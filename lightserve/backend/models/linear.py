@@ -23,6 +23,9 @@ def _can_pack(weight: torch.Tensor) -> bool:
         and weight.dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        # oneDNN packs bf16 only on CPUs with native bf16 conversions (AVX512-BW/VL/DQ or
+        # AVX-NE-CONVERT); an AVX2-only CPU (e.g. AMD Zen 3) raises, so it keeps F.linear.
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
 

@@ -1,0 +1,47 @@
+"""Driving a `ModelEngine` step by step in tests, the way the router does with StepPlans."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lightserve.backend.engine import ModelEngine
+from lightserve.io_struct import Chunk, GenerateReq, StepPlan, TokenOut
+
+
+def prefill(engine: ModelEngine, reqs: list[GenerateReq], chunk: Optional[int] = None,
+            decode: bool = False) -> tuple[dict[int, torch.Tensor], list[TokenOut]]:
+    """Admit `reqs` and compute their prompts, `chunk` tokens per request per step (None: whole
+    prompts in one step), beside the decode rows when `decode`. Returns each new request's
+    last-position logits and every output sampled on the way (decode rows included)."""
+    refused = engine.admit(reqs)
+    assert not refused, refused
+    left = {r.req_id: len(r.prompt_ids) + len(r.output_ids) for r in reqs}
+    logits_of: dict[int, torch.Tensor] = {}
+    outs: list[TokenOut] = []
+    while left:
+        chunks = [Chunk(req_id, min(n, chunk or n)) for req_id, n in left.items()]
+        logits = engine.forward(StepPlan(chunks=chunks, decode=decode))
+        for row, req_id in enumerate(engine.sampling_req_ids):
+            if req_id in left:
+                logits_of[req_id] = logits[row]
+        outs += engine.sample(logits)
+        for c in chunks:
+            left[c.req_id] -= c.num_tokens
+            if not left[c.req_id]:
+                del left[c.req_id]
+    return logits_of, outs
+
+
+def decode(engine: ModelEngine) -> list[TokenOut]:
+    """One decode step of every decoding request."""
+    return engine.step(StepPlan(decode=True)).outs
+
+
+def run_to_end(engine: ModelEngine) -> list[TokenOut]:
+    """Decode until every request has finished."""
+    outs: list[TokenOut] = []
+    while engine.num_running:
+        outs += decode(engine)
+    return outs
