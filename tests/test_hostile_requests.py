@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+import msgspec
 import psutil
 import pytest
 import rpyc
@@ -30,10 +31,9 @@ from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager.manager import start_cache_manager_process
 from lightserve.httpserver.admission import Admission, InFlightLimit
 from lightserve.httpserver.errors import ApiError
-from lightserve.io_struct import BackendCall
+from lightserve.io_struct import StepPlan, StepResult
 from lightserve.launcher import ChildGroup
 from lightserve.server_args import ServerArgs
-from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
 from tests.server_harness import ServerProcess
 from tests.test_server_e2e import metrics, wait_pool_free
@@ -446,7 +446,7 @@ def test_run_directory_is_private_and_a_worker_socket_serves_no_second_client(se
                                            config={**RPYC_CONFIG, "sync_request_timeout": 1})
     try:
         with pytest.raises(rpyc.AsyncResultTimeout):
-            conn.root.call(serde.dumps(BackendCall("stats", [])))
+            conn.root.call(msgspec.msgpack.encode(StepPlan()))
     finally:
         conn.close()
     assert httpx.post(server.url + "/generate", json={"inputs": "Hello"}, timeout=60).status_code == 200
@@ -460,16 +460,22 @@ def test_worker_service_exposes_only_its_method(tmp_path, tiny_served_model) -> 
     threading.Thread(target=server.start, daemon=True).start()
     conn = _connect_when_listening(path)
     try:
-        stats = serde.loads(conn.root.call(serde.dumps(BackendCall("stats", []))))
-        assert stats["kv_total"] == 64  # the one exposed method works
+        result = msgspec.msgpack.decode(conn.root.call(msgspec.msgpack.encode(StepPlan())), type=StepResult)
+        assert result.kv_total == 64  # the one exposed method works
         for reach in (lambda: conn.root.runner, lambda: conn.root.runner.engine, lambda: conn.root._conn,
                       lambda: conn.root.exposed_call.__globals__, lambda: conn.root.call.__func__,
                       lambda: conn.root.getmodule("os"), lambda: conn.root.eval("1 + 1"),
                       lambda: conn.root.__dict__):
             with pytest.raises(AttributeError):
                 reach()
-        with pytest.raises(ValueError, match="unknown backend method"):
-            serde.loads(conn.root.call(serde.dumps(BackendCall("__init__", []))))
+        # Only the declared messages decode: an unknown tag, a wrong shape or garbage is refused
+        # (rpyc re-raises the rank's msgspec error under the same name).
+        for payload, why in ((msgspec.msgpack.encode({"type": "__init__"}), "Invalid value '__init__'"),
+                             (msgspec.msgpack.encode({"type": "StepPlan", "decode": "yes"}), "Expected `bool`"),
+                             (b"\xc1garbage", "malformed")):
+            with pytest.raises(Exception, match=why) as raised:
+                conn.root.call(payload)
+            assert type(raised.value).__name__ in ("msgspec.ValidationError", "msgspec.DecodeError")
     finally:
         conn.close()
         server.close()

@@ -33,6 +33,7 @@ from lightserve.httpserver.images import fetch_remote
 from lightserve.io_struct import GenerateReq, ImageItem, SamplingParams
 from lightserve.server_args import ServerArgs
 from lightserve.visual.encoder import VisionEncoder, load_image
+from tests.engine_steps import decode, prefill, run_to_end
 from tests.llava_factory import TOKENS_PER_IMAGE, hf_generate, random_image
 from tests.server_harness import ServerProcess, assert_stopped_after_child_death, kill_child_mid_stream, shm_of
 
@@ -230,7 +231,8 @@ def test_tiny_and_large_images_answer_correctly(server, hf_llava, width, height,
 
 def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf_llava):
     """Optimistic admission may pause a request (KV freed) and prefill it again later with the
-    tokens it had generated: its image embeddings must be spliced in again."""
+    tokens it had generated: its image embeddings must be spliced in again, here in chunks
+    whose first boundary falls in the middle of the image."""
     image = random_image(40, 48, 48)
     prompt_ids, expected = hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)
     prefix = f"lightserve_test{os.getpid()}_"
@@ -244,17 +246,14 @@ def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf_llava):
         image_token = hf_llava[1].tokenizer.convert_tokens_to_ids("<image>")
         item = ImageItem("md5", 1, prompt_ids.index(image_token), TOKENS_PER_IMAGE)
         req = GenerateReq(0, prompt_ids, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0), images=[item])
-        got = [out.token_id for out in engine.prefill(1, [req])]
-        got += [engine.decode(1)[0].token_id for _ in range(2)]
-        (paused,) = engine.pause(1, [0])
-        assert paused.images == [item] and paused.output_ids == got
-        assert engine.stats()["kv_free"] == 1000
-        outs = engine.prefill(2, [paused])
-        while True:
-            got.append(outs[0].token_id)
-            if outs[0].finish_reason is not None:
-                break
-            outs = engine.decode(2)
+        got = [out.token_id for out in prefill(engine, [req])[1]]
+        got += [decode(engine)[0].token_id for _ in range(2)]
+        engine.release([0])  # a pause: the router requeues it with the tokens it had generated
+        assert engine.mem.can_use_mem_size == 1000
+        paused = GenerateReq(0, prompt_ids, req.sampling, images=[item], output_ids=list(got))
+        chunk = item.token_start + TOKENS_PER_IMAGE // 2
+        got += [out.token_id for out in prefill(engine, [paused], chunk)[1]]
+        got += [out.token_id for out in run_to_end(engine)]
         assert got == expected
     finally:
         shm.unlink_all(prefix)

@@ -433,18 +433,22 @@ def path(tree: RadixTree, node: Node) -> tuple:
     return tuple(itertools.chain.from_iterable(reversed(parts)))
 
 
-def operations(element: st.SearchStrategy) -> st.SearchStrategy:
-    key = st.lists(element, max_size=10).map(tuple)
+@st.composite
+def operations(draw, element: st.SearchStrategy) -> list:
+    """Operation sequences whose keys are cut from a few base keys and extended: prefixes overlap a lot."""
+    bases = draw(st.lists(st.lists(element, min_size=1, max_size=12).map(tuple), min_size=1, max_size=4))
+    extra = st.lists(element, max_size=4).map(tuple)
+    key = st.builds(lambda base, cut, tail: base[:cut] + tail, st.sampled_from(bases), st.integers(0, 12), extra)
     op = st.one_of(
         st.tuples(st.just("insert"), key),
         st.tuples(st.just("lock"), key),
-        st.tuples(st.just("finish"), st.integers(0, 7), st.lists(element, max_size=6).map(tuple)),
+        st.tuples(st.just("finish"), st.integers(0, 7), extra),
         st.tuples(st.just("abort"), st.integers(0, 7)),
         st.tuples(st.just("probe"), key),
-        st.tuples(st.just("evict"), st.integers(0, 12)),
+        st.tuples(st.just("evict"), st.integers(0, 16)),
         st.tuples(st.just("flush")),
     )
-    return st.lists(op, max_size=40)
+    return draw(st.lists(op, max_size=40))
 
 
 def run(ops: list) -> None:

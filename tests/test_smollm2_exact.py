@@ -9,6 +9,7 @@ import transformers
 from lightserve.backend.engine import ModelEngine
 from lightserve.io_struct import GenerateReq, SamplingParams
 from lightserve.server_args import ServerArgs
+from tests.engine_steps import decode, prefill, run_to_end
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -46,11 +47,12 @@ def hf_outputs(smollm2_dir, prompts) -> list[list[int]]:
     return outs
 
 
-@pytest.mark.parametrize("backend", ["auto"])  # torch path: covered by the tiny-model logits tests
-def test_mixed_batch_greedy_matches_transformers(smollm2_dir, prompts, hf_outputs, backend):
-    """Half the requests start first; the rest join the running batch after a few decode steps."""
-    args = ServerArgs(device="cpu", data_type="float32", attention_backend=backend, max_total_token_num=4096,
-                      max_req_total_len=512, running_max_req_size=16)
+def test_joining_a_running_batch_matches_transformers(smollm2_dir, prompts, hf_outputs):
+    """Half the requests start first; the rest join after a few decode steps, their prompts
+    computed in chunks of 7 tokens per request per step beside the decode rows."""
+    chunk = 7
+    args = ServerArgs(device="cpu", data_type="float32", max_total_token_num=4096, max_req_total_len=512,
+                      running_max_req_size=16)
     engine = ModelEngine(args, str(smollm2_dir))
     reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
             for i, p in enumerate(prompts)]
@@ -60,17 +62,30 @@ def test_mixed_batch_greedy_matches_transformers(smollm2_dir, prompts, hf_output
         for o in outs:
             got[o.req_id].append(o.token_id)
 
-    collect(engine.prefill(0, reqs[:3]))
+    collect(prefill(engine, reqs[:3], chunk)[1])
     for _ in range(5):
-        collect(engine.decode(0))
-    collect(engine.prefill(1, reqs[3:]))
-    engine.merge(0, 1)
-    while 0 in engine.batches:
-        collect(engine.decode(0))
+        collect(decode(engine))
+    collect(prefill(engine, reqs[3:], chunk, decode=True)[1])
+    collect(run_to_end(engine))
 
     for i, expected in enumerate(hf_outputs):
         assert got[i] == expected, f"prompt {i}: {QUESTIONS[i]!r}"
     assert engine.mem.can_use_mem_size == engine.mem.size
+
+
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_scheduler_with_chunked_prefill_matches_transformers(smollm2_dir, prompts, hf_outputs, chunk):
+    """The real scheduler with a step budget of 1, 7 or 64 tokens: prompts are cut at every
+    size, and requests join while others are part-way through their prompts."""
+    from lightserve import LLM
+
+    llm = LLM(str(smollm2_dir), data_type="float32", max_total_token_num=4096, max_req_total_len=512,
+              chunked_prefill_size=chunk)
+    outs = llm.generate(prompts[:2] if chunk == 1 else prompts, SamplingParams(max_new_tokens=NEW_TOKENS,
+                                                                               temperature=0.0))
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == hf_outputs[i], f"prompt {i}: {QUESTIONS[i]!r}"
+    assert llm.engine.mem.can_use_mem_size == llm.engine.mem.size
 
 
 def test_llm_answers_paris(smollm2_dir, tokenizer):

@@ -14,6 +14,7 @@ from lightserve.backend.engine import ModelEngine
 from lightserve.backend.parallel import TensorParallel
 from lightserve.io_struct import GenerateReq
 from lightserve.server_args import ServerArgs
+from tests.engine_steps import decode, prefill
 from tests.server_harness import ServerProcess
 
 PROMPTS = [[5, 9, 33, 7, 120, 64, 3], list(range(10, 41))]
@@ -38,9 +39,11 @@ def _layer_outputs(engine: ModelEngine, decode_steps: int = 2) -> list[torch.Ten
         layer.forward = recording
     reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=10, temperature=0.0))
             for i, p in enumerate(PROMPTS)]
-    engine.prefill(0, reqs)
+    # The first prompt whole, the second in chunks of 5 beside the first one's decode rows.
+    prefill(engine, reqs[:1])
+    prefill(engine, reqs[1:], chunk=5, decode=True)
     for _ in range(decode_steps):
-        engine.decode(0)
+        decode(engine)
     return seen
 
 

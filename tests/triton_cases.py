@@ -32,7 +32,7 @@ from lightserve.backend.kernels.token_attention_decode import plan_decode, token
 from lightserve.backend.kernels.triton_attention import TritonAttention  # noqa: E402
 from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
 from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
-from lightserve.io_struct import GenerateReq, SamplingParams  # noqa: E402
+from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan  # noqa: E402
 from lightserve.server_args import ServerArgs  # noqa: E402
 from tests.model_factory import build_tiny_model  # noqa: E402
 
@@ -164,57 +164,45 @@ def test_context_attention_matches_reference(with_prefix: bool, group: int, head
 
 # ---- the back end against TorchAttention ----------------------------------------------------
 
-def _state(pool: Pool, is_prefill: bool, new_lens: list[int]) -> ForwardState:
+def _state(pool: Pool, num_decode: int, new_lens: list[int]) -> ForwardState:
+    """A mixed step over the pool's requests: the first `num_decode` decode one token, the others
+    compute their last `new_lens[j]` positions (a prefix when that is less than their length)."""
     seq = pool.b_seq_len.tolist()
-    positions = torch.cat([torch.arange(s - n, s) for s, n in zip(seq, new_lens)])
+    all_new = [1] * num_decode + new_lens
+    positions = torch.cat([torch.arange(s - n, s) for s, n in zip(seq, all_new)])
     return ForwardState(
-        is_prefill=is_prefill, positions=positions,
-        out_slots=torch.cat([pool.slots(i)[s - n :] for i, (s, n) in enumerate(zip(seq, new_lens))]),
-        b_req_idx=pool.b_req_idx, b_seq_len=pool.b_seq_len, max_seq_len=max(seq), req_to_token=pool.req_to_token,
-        b_start=[sum(new_lens[:i]) for i in range(len(new_lens))] if is_prefill else [],
-        b_new_len=new_lens if is_prefill else [],
+        positions=positions, out_slots=torch.cat([pool.slots(i)[s - n :] for i, (s, n) in enumerate(zip(seq, all_new))]),
+        b_req_idx=pool.b_req_idx, b_seq_len=pool.b_seq_len, req_to_token=pool.req_to_token, num_decode=num_decode,
+        max_seq_len=max(seq), b_start=[sum(new_lens[:j]) for j in range(len(new_lens))], b_new_len=new_lens,
+        b_prefix_len=[s - n for s, n in zip(seq[num_decode:], new_lens)],
     )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_backend_matches_torch_attention(dtype: torch.dtype):
+def test_backend_matches_torch_attention_on_a_mixed_step(dtype: torch.dtype):
+    """Decode rows, a whole prompt and prompt chunks with a prefix in the pool, in one step."""
     n_kv, group, head_dim = 2, 3, 64
     heads = n_kv * group
     torch_attn, triton_attn = TorchAttention(heads, n_kv, head_dim), TritonAttention(heads, n_kv, head_dim)
     triton_attn.split_len = 32
     gen = torch.Generator().manual_seed(3)
-
-    # Prefill without a prefix: the packed k/v path (no pool) and the pool path must agree with torch.
+    seq_lens = [5, 77, 20, 9, 70]  # two decode rows, then chunks of 20 (whole), 4 and 33 tokens
+    new_lens = [20, 4, 33]
+    pool = make_pool(seq_lens, n_kv, head_dim, dtype, seed=11)
     # Each back end gets its own state: begin_step stores back-end specific metadata in it.
-    pool = make_pool(LENS, n_kv, head_dim, dtype, seed=11)
-    torch_state, triton_state = _state(pool, True, LENS), _state(pool, True, LENS)
-    q = torch.randn(sum(LENS), heads, head_dim, generator=gen).to(dtype)
+    torch_state, triton_state = _state(pool, 2, new_lens), _state(pool, 2, new_lens)
+    q = torch.randn(2 + sum(new_lens), heads, head_dim, generator=gen).to(dtype)
     k, v = pool.k_cache[torch_state.out_slots], pool.v_cache[torch_state.out_slots]
-    torch_attn.begin_step(torch_state)
-    expected = torch_attn.prefill(q, k, v, torch_state).float()
-    triton_attn.begin_step(triton_state)
-    torch.testing.assert_close(triton_attn.prefill(q, k, v, triton_state).float(), expected, **ATTN_TOL[dtype])
-    torch.testing.assert_close(
-        triton_attn.prefill(q, k, v, triton_state, kv_cache=(pool.k_cache, pool.v_cache)).float(), expected,
-        **ATTN_TOL[dtype])
-
-    # Decode: one new token per request on top of the pool.
-    torch_state, triton_state = _state(pool, False, [1] * len(LENS)), _state(pool, False, [1] * len(LENS))
-    q = torch.randn(len(LENS), heads, head_dim, generator=gen).to(dtype)
+    kv = (pool.k_cache, pool.v_cache)
     torch_attn.begin_step(torch_state)
     triton_attn.begin_step(triton_state)
-    torch.testing.assert_close(triton_attn.decode(q, pool.k_cache, pool.v_cache, triton_state).float(),
-                               torch_attn.decode(q, pool.k_cache, pool.v_cache, torch_state).float(), **ATTN_TOL[dtype])
-
-
-def test_prefill_with_prefix_needs_the_pool():
-    pool = make_pool([5, 9], 1, 64, torch.float32)
-    state = _state(pool, True, [2, 9])  # request 0 has 3 positions in the pool already
-    attn = TritonAttention(2, 1, 64)
-    attn.begin_step(state)
-    q, kv = torch.randn(11, 2, 64), torch.randn(11, 1, 64)
-    with pytest.raises(ValueError, match="prefix"):
-        attn.prefill(q, kv, kv, state)
+    expected = torch_attn.forward(q, k, v, kv, torch_state).float()
+    torch.testing.assert_close(triton_attn.forward(q, k, v, kv, triton_state).float(), expected, **ATTN_TOL[dtype])
+    for i in range(len(seq_lens)):  # and torch itself against the reference
+        rows = slice(i, i + 1) if i < 2 else slice(2 + sum(new_lens[: i - 2]), 2 + sum(new_lens[: i - 1]))
+        n = rows.stop - rows.start
+        want = reference_attention(q[rows], pool.k_cache[pool.slots(i)], pool.v_cache[pool.slots(i)], seq_lens[i] - n)
+        torch.testing.assert_close(expected[rows], want, **ATTN_TOL[dtype], msg=f"request {i}")
 
 
 # ---- layer ops ------------------------------------------------------------------------------
@@ -280,25 +268,33 @@ def test_write_kv_scatters_strided_kv_into_slots(slot_dtype: torch.dtype):
 # ---- end to end -----------------------------------------------------------------------------
 
 def _generate(engine: ModelEngine, prompts: list[list[int]], new_tokens: int) -> tuple[dict[int, list[int]], list]:
-    """Greedy tokens per request, with the logits of every step: half the requests join late."""
+    """Greedy tokens per request, with the logits of every step. Half the requests join late,
+    their prompts computed in chunks of 16 beside the decode rows (a chunk attends to the
+    earlier chunks through the token table)."""
     reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
             for i, p in enumerate(prompts)]
     got: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
     logits = []
 
-    def step(out_logits: torch.Tensor, batch_id: int) -> None:
+    def step(plan: StepPlan) -> None:
+        out_logits = engine.forward(plan)
         logits.append(out_logits)
-        for o in engine._sample_and_finish(engine.batches[batch_id], out_logits):
+        for o in engine.sample(out_logits):
             got[o.req_id].append(o.token_id)
 
     half = len(reqs) // 2
-    step(engine.forward_prefill(0, reqs[:half]), 0)
+    assert not engine.admit(reqs[:half])
+    step(StepPlan(chunks=[Chunk(r.req_id, len(r.prompt_ids)) for r in reqs[:half]]))
     for _ in range(3):
-        step(engine.forward_decode(0), 0)
-    step(engine.forward_prefill(1, reqs[half:]), 1)
-    engine.merge(0, 1)
-    while 0 in engine.batches:
-        step(engine.forward_decode(0), 0)
+        step(StepPlan(decode=True))
+    assert not engine.admit(reqs[half:])
+    left = {r.req_id: len(r.prompt_ids) for r in reqs[half:]}
+    while left:
+        chunks = [Chunk(req_id, min(n, 16)) for req_id, n in left.items()]
+        step(StepPlan(chunks=chunks, decode=True))
+        left = {c.req_id: left[c.req_id] - c.num_tokens for c in chunks if left[c.req_id] > c.num_tokens}
+    while engine.num_running:
+        step(StepPlan(decode=True))
     return got, logits
 
 

@@ -149,7 +149,7 @@ class RadixTree:
             raise ValueError("dec_ref on a node that holds no lock")
         while node is not self.root:
             node.ref_count -= 1
-            if node.ref_count == 1:
+            if node.ref_count == 0:
                 self._protected -= len(node.key)
                 self._evictable += len(node.key)
             node = node.parent
@@ -242,5 +242,5 @@ def _common_len(edge: tuple, key: tuple, start: int) -> int:
         if key[start + lo : start + mid] == edge[lo:mid]:
             lo = mid
         else:
-            hi = mid
+            hi = mid + 1
     return lo
