@@ -242,5 +242,5 @@ def _common_len(edge: tuple, key: tuple, start: int) -> int:
         if key[start + lo : start + mid] == edge[lo:mid]:
             lo = mid
         else:
-            hi = mid + 1
+            hi = mid
     return lo
