@@ -8,9 +8,10 @@
   with an error event, /health answers 503, the server exits within 10 s with one log line
   naming the child and its exit code, and leaves no process, socket file or shared memory.
 - SIGTERM with requests in flight: each one completes or ends with an error, then a clean exit.
-- A backend call that raises (prefill or decode; a router driving a real engine over rpyc, and a
-  request handed straight to the running server's router): the requests of that batch fail with
-  an error and one log line, their KV is freed, every other request and the server go on.
+- A request the ranks cannot serve (a router driving a real engine over rpyc, and a request handed
+  straight to the running server's router) is refused alone at the ranks' admission, with an error
+  and one log line; a step that raises fails every running request; either way the KV is freed
+  and the server goes on. The router makes exactly one call per rank per step.
 """
 
 from __future__ import annotations
@@ -315,7 +316,8 @@ class RouterOverEngine:
         args = ServerArgs(device="cpu", data_type="float32", max_total_token_num=engine_pool,
                           max_req_total_len=128, running_max_req_size=8, router_max_wait_tokens=1)
         self.engine = ModelEngine(args, str(model_dir))
-        self.rpyc_server = ThreadedServer(ModelWorkerService(RankRunner(self.engine)),
+        self.runner = RankRunner(self.engine)
+        self.rpyc_server = ThreadedServer(ModelWorkerService(self.runner),
                                           socket_path=self.paths.worker_socket(0), protocol_config=RPYC_CONFIG,
                                           auto_register=False)
         threading.Thread(target=self.rpyc_server.start, daemon=True).start()
@@ -344,8 +346,7 @@ class RouterOverEngine:
                     self.outs[out.req_id].append(out)
 
     def kv_free(self) -> bool:
-        stats = self.engine.stats()
-        return stats["kv_free"] == stats["kv_total"] and stats["running_reqs"] == 0
+        return self.engine.mem.can_use_mem_size == self.engine.mem.size and self.engine.num_running == 0
 
     def close(self) -> None:
         self.router.close()
@@ -357,26 +358,28 @@ def _finished_normally(outs: list[TokenOut], n: int) -> bool:
     return len(outs) == n and all(o.error is None for o in outs) and outs[-1].finish_reason is not None
 
 
-def _failed_with_error(outs: list[TokenOut]) -> bool:
-    return bool(outs) and outs[-1].error == BATCH_FAILED and "Traceback" not in outs[-1].error
+def _failed_with_error(outs: list[TokenOut], error: str = BATCH_FAILED) -> bool:
+    return bool(outs) and outs[-1].error.startswith(error) and "Traceback" not in outs[-1].error
 
 
-def test_a_prefill_that_raises_fails_its_batch_only_and_the_router_serves_on(tmp_path, tiny_served_model,
-                                                                             caplog) -> None:
+def test_a_request_the_ranks_refuse_fails_alone_and_the_router_serves_on(tmp_path, tiny_served_model,
+                                                                         caplog) -> None:
     """A request that got past the door with a setting the engine cannot serve (more logprob
-    alternatives than the vocabulary has: `topk` raises inside the backend's prefill) fails alone;
-    the running request goes on and every KV slot comes back."""
+    alternatives than allowed) is refused by the ranks at admission and fails alone; the running
+    request goes on, every KV slot comes back, and each router step was one call to the rank."""
     harness = RouterOverEngine(tmp_path, tiny_served_model, engine_pool=512, router_pool=512)
     try:
         harness.add(1, 12)
         harness.router.step()  # request 1 is running
         harness.add(2, 4, logprobs=10**6)  # validate() refuses it; the router is handed it anyway
-        with caplog.at_level(logging.ERROR, logger="lightserve.router.manager"):
+        with caplog.at_level(logging.ERROR, logger="lightserve.router.scheduler"):
             harness.run()
-        assert _failed_with_error(harness.outs[2]) and len(harness.outs[2]) == 1
+        assert _failed_with_error(harness.outs[2], "the backend cannot serve this request: `logprobs`")
+        assert len(harness.outs[2]) == 1
         assert _finished_normally(harness.outs[1], 12), harness.outs[1]
         assert harness.kv_free()
-        assert [r.message for r in caplog.records if "backend call failed" in r.message][0].count("\n") == 0
+        assert [r.message for r in caplog.records if "refused by the backend" in r.message][0].count("\n") == 0
+        assert harness.runner.calls == harness.router.scheduler.steps == 12
         harness.add(3, 5)  # and the router still serves
         harness.run()
         assert _finished_normally(harness.outs[3], 5) and harness.kv_free()
@@ -407,8 +410,8 @@ def test_a_decode_that_raises_fails_the_running_batch_frees_its_kv_and_serving_g
 
 def test_a_request_the_backend_cannot_serve_fails_alone_in_the_real_server(load_server) -> None:
     """The same failure in the running server: a request handed straight to the router process
-    (as a buggy or future front end could) makes the backend raise during its prefill. It fails
-    alone with one log line; the stream in flight completes, the server stays up, the pool empties."""
+    (as a buggy or future front end could) is refused by the ranks. It fails alone with one log
+    line; the stream in flight completes, the server stays up, the pool empties."""
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 150, "ignore_eos": True, "details": True}}
     bad = GenerateReq(req_id=10**12, prompt_ids=list(range(10, 20)),
                       sampling=SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=10**6))
@@ -430,4 +433,4 @@ def test_a_request_the_backend_cannot_serve_fails_alone_in_the_real_server(load_
     assert httpx.get(load_server.url + "/health").status_code == 200
     wait_pool_free(load_server.url)
     log = load_server.read_log()
-    assert log.count("backend call failed") == 1 and "Traceback" not in log, log[-2000:]
+    assert log.count("refused by the backend") == 1 and "Traceback" not in log, log[-2000:]
