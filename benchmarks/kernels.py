@@ -51,9 +51,9 @@ def decode_inputs(batch: int, context: int, args: argparse.Namespace, dtype: tor
 
     def state() -> ForwardState:
         # Each back end stores its own per-step metadata in the state: one state per back end.
-        return ForwardState(is_prefill=False, positions=(seq_len - 1).long(), out_slots=req_to_token[:, -1].long(),
+        return ForwardState(positions=(seq_len - 1).long(), out_slots=req_to_token[:, -1].long(),
                             b_req_idx=torch.arange(batch, dtype=torch.int32, device=device), b_seq_len=seq_len,
-                            max_seq_len=context, req_to_token=req_to_token)
+                            req_to_token=req_to_token, num_decode=batch, max_seq_len=context)
 
     return q, k_cache, v_cache, state
 

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from lightserve.backend.engine import ModelEngine
-from lightserve.io_struct import GenerateReq, SamplingParams
+from lightserve.io_struct import GenerateReq, SamplingParams, StepPlan
 from lightserve.server_args import ServerArgs
 
 
@@ -52,14 +52,14 @@ def bench_engine(engine: ModelEngine, prompts: list[list[int]], steps: int) -> t
     sp = SamplingParams(max_new_tokens=steps + 2, temperature=0.0, ignore_eos=True)
     reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=sp) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
-    engine.prefill(0, reqs)
+    engine.step(StepPlan.admit_whole(reqs))
     prefill_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.decode(0)
+        engine.step(StepPlan(decode=True))
         times.append(time.perf_counter() - t0)
-    engine.remove(0)
+    engine.release_all()
     step = statistics.median(times[2:] if len(times) > 4 else times)
     return sum(map(len, prompts)) / prefill_s, len(prompts) / step, times
 
@@ -128,15 +128,15 @@ def decode_breakdown(engine: ModelEngine, prompts: list[list[int]], steps: int) 
     matmul_s = time_op(matmuls)
     # Attention alone: the same batch at its mid-run context lengths, every layer.
     sp = SamplingParams(max_new_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    engine.prefill(0, [GenerateReq(req_id=i, prompt_ids=p, sampling=sp) for i, p in enumerate(prompts)])
+    engine.step(StepPlan.admit_whole([GenerateReq(req_id=i, prompt_ids=p, sampling=sp) for i, p in enumerate(prompts)]))
     for _ in range(steps // 2):
-        engine.decode(0)
-    b = engine.batches[0]
+        engine.step(StepPlan(decode=True))
+    b = engine.decoding
     from lightserve.backend.forward_state import ForwardState
 
-    state = ForwardState(is_prefill=False, positions=b.b_seq_len.long() - 1, out_slots=torch.zeros(batch, dtype=torch.long),
-                         b_req_idx=b.b_req_idx, b_seq_len=b.b_seq_len, max_seq_len=int(b.b_seq_len.max()),
-                         req_to_token=engine.req_manager.req_to_token)
+    state = ForwardState(positions=b.b_seq_len.long() - 1, out_slots=torch.zeros(batch, dtype=torch.long),
+                         b_req_idx=b.b_req_idx, b_seq_len=b.b_seq_len, req_to_token=engine.req_manager.req_to_token,
+                         num_decode=batch, max_seq_len=int(b.b_seq_len.max()))
     heads = engine.cfg.num_heads
     q = torch.randn(batch, heads, engine.cfg.head_dim, dtype=engine.dtype)
 
@@ -146,7 +146,7 @@ def decode_breakdown(engine: ModelEngine, prompts: list[list[int]], steps: int) 
             model.attention.decode(q, k_cache, v_cache, state)
 
     attn_s = time_op(attention)
-    engine.remove(0)
+    engine.release_all()
     return {"step_ms": step_s * 1e3, "matmul_ms": matmul_s * 1e3, "attention_ms": attn_s * 1e3,
             "other_ms": (step_s - matmul_s - attn_s) * 1e3, "step_over_matmul": step_s / matmul_s}
 

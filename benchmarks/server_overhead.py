@@ -21,7 +21,7 @@ import torch
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.benchmark.launch import LaunchedServer
-from lightserve.io_struct import GenerateReq, SamplingParams
+from lightserve.io_struct import GenerateReq, SamplingParams, StepPlan
 from lightserve.server_args import ServerArgs
 
 
@@ -40,11 +40,11 @@ def make_prompts(tokenizer, batch: int, prompt_len: int, seed: int) -> list[list
 def engine_step_ms(args: ServerArgs, model_dir: str, prompts: list[list[int]], steps: int) -> float:
     engine = ModelEngine(args, model_dir)
     sp = SamplingParams(max_new_tokens=steps + 1, temperature=0.0, ignore_eos=True)
-    engine.prefill(0, [GenerateReq(i, p, sp) for i, p in enumerate(prompts)])
+    engine.step(StepPlan.admit_whole([GenerateReq(i, p, sp) for i, p in enumerate(prompts)]))
     times = []
     for _ in range(steps - 1):
         t0 = time.perf_counter()
-        engine.decode(0)
+        engine.step(StepPlan(decode=True))
         times.append(time.perf_counter() - t0)
     return statistics.median(times[len(times) // 4:]) * 1e3
 

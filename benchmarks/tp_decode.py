@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.parallel import TensorParallel
-from lightserve.io_struct import GenerateReq, SamplingParams
+from lightserve.io_struct import GenerateReq, SamplingParams, StepPlan
 from lightserve.server_args import ServerArgs
 
 
@@ -52,16 +52,16 @@ def run_rank(rank: int, world: int, port: int, a, results) -> None:
     out = {}
     for batch in a.batches:
         prompts = [[100 + (i * 7 + j) % 30000 for j in range(a.prompt_len)] for i in range(batch)]
-        engine.prefill(0, [GenerateReq(i, p, sp) for i, p in enumerate(prompts)])
-        engine.decode(0)
+        engine.step(StepPlan.admit_whole([GenerateReq(i, p, sp) for i, p in enumerate(prompts)]))
+        engine.step(StepPlan(decode=True))
         steps, comms = [], []
         for _ in range(a.steps):
             TimedTensorParallel.comm_s = 0.0
             t0 = time.perf_counter()
-            engine.decode(0)
+            engine.step(StepPlan(decode=True))
             steps.append(time.perf_counter() - t0)
             comms.append(TimedTensorParallel.comm_s)
-        engine.remove(0)
+        engine.release_all()
         out[batch] = (statistics.median(steps) * 1e3, statistics.median(comms) * 1e3)
     if rank == 0:
         results.put(out)

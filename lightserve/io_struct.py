@@ -190,6 +190,11 @@ class StepPlan(msgspec.Struct, tag=True):
     decode: bool = False
     release: list[int] = msgspec.field(default_factory=list)
 
+    @classmethod
+    def admit_whole(cls, reqs: list[GenerateReq]) -> "StepPlan":
+        """Admit `reqs` and compute their whole prompts in this step (no decode rows)."""
+        return cls(new_reqs=reqs, chunks=[Chunk(r.req_id, len(r.prompt_ids) + len(r.output_ids)) for r in reqs])
+
 
 class Shutdown(msgspec.Struct, tag=True):
     """The router is going away: ranks stop (and rank 0 tells the ranks of other nodes)."""

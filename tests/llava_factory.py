@@ -20,7 +20,7 @@ from PIL import Image
 
 from lightserve.backend.attention import make_attention
 from lightserve.backend.forward_state import ForwardState
-from lightserve.backend.image_inputs import gather_image_embeds
+from lightserve.backend.image_inputs import ChunkImages, gather_image_embeds
 from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.models.llava import LlavaForConditionalGeneration
 from lightserve.backend.parallel import SINGLE, TensorParallel
@@ -122,13 +122,14 @@ class LlavaRunner:
         starts = ends - lens
         positions = torch.arange(int(ends[-1])) - starts.repeat_interleave(lens)
         state = ForwardState(
-            is_prefill=True, positions=positions, out_slots=torch.arange(int(ends[-1])),
+            positions=positions, out_slots=torch.arange(int(ends[-1])),
             b_req_idx=torch.arange(len(reqs), dtype=torch.int32), b_seq_len=lens.to(torch.int32),
-            max_seq_len=int(lens.max()), req_to_token=torch.zeros(1, 1, dtype=torch.int32),
-            b_start=starts.tolist(), b_new_len=lens.tolist(),
+            req_to_token=torch.zeros(1, 1, dtype=torch.int32), num_decode=0, max_seq_len=int(lens.max()),
+            b_start=starts.tolist(), b_new_len=lens.tolist(), b_prefix_len=[0] * len(reqs),
         )
-        state.image_embeds, state.image_rows = gather_image_embeds(reqs, starts.tolist(), prefix, self.cfg.hidden_size,
-                                                                   torch.float32, torch.device("cpu"))
+        chunks = [ChunkImages(r.req_id, r.images, 0, n, start) for r, n, start in zip(reqs, lens.tolist(), starts.tolist())]
+        state.image_embeds, state.image_rows = gather_image_embeds(chunks, prefix, self.cfg.hidden_size, torch.float32,
+                                                                   torch.device("cpu"))
         ids = torch.tensor([t for x in inputs for t in x])
         with torch.no_grad():
             return self.model.forward(ids, state, self.kv, ends - 1)
