@@ -1,6 +1,6 @@
 """Router simulator: KV admission policies replayed on a synthetic workload, without a model.
 
-Four policies share one KV budget and one cost model:
+Four policies share one KV budget and one cost model, and the step scheduler runs beside them:
 
 - `er-conservative`: the Efficient Router (`lightserve.router.req_queue`), default mode. Admits a
   request only if the peak KV demand of the batch, assuming every request runs to
@@ -12,6 +12,12 @@ Four policies share one KV budget and one cost model:
 - `paged`: vLLM-style 16-token KV blocks allocated on demand (admission needs the prompt's blocks
   plus a 1 % watermark); when a decode step lacks blocks, the newest requests are preempted
   and recomputed later.
+
+- `er-steps-N`: the real router `Scheduler` with `--chunked_prefill_size N` (conservative),
+  driving `SimulatedRanks`, which counts KV slots and raises on the first step that would exceed
+  the budget. Each step computes every decode row plus prompt chunks within N tokens; a prompt
+  still being computed in chunks is counted at prompt + max_new_tokens until it completes (see
+  `ReqQueue`), which keeps the no-pause, no-exhaustion promise.
 
 Cost model (time unit: ms; defaults sized like a 7B model on one A100, stated, not measured):
 a prefill pass costs `a + c * prefill_tokens`, a decode pass `a + b * batch + d * kv_tokens`
@@ -40,6 +46,8 @@ import numpy as np
 
 from lightserve.io_struct import GenerateReq, SamplingParams
 from lightserve.router.req_queue import ReqQueue, RunningReqInfo
+from lightserve.router.scheduler import Scheduler
+from lightserve.router.simulated_ranks import SimulatedRanks
 
 BLOCK = 16  # tokens per KV block of the paged policy
 WATERMARK = 0.01  # share of blocks the paged policy keeps free at admission (vLLM's default)
@@ -281,6 +289,47 @@ def simulate(name: str, policy: Policy, reqs: list[SimReq], limits: Limits, cost
     return res
 
 
+def simulate_steps(name: str, reqs: list[SimReq], limits: Limits, cost: Cost, admit_every: int,
+                   chunked_prefill_size: int) -> Result:
+    """The real `Scheduler` (token budget per step, decode rows and prompt chunks in one pass)
+    against `SimulatedRanks`, which raises if a step ever needs more KV than the budget. A step
+    costs `a + b * decode_rows + c * chunk_tokens + d * kv_tokens`."""
+    res = Result(name)
+    ranks = SimulatedRanks(limits.budget, {r.req_id: r.output for r in reqs}.__getitem__)
+    queue = ReqQueue(limits.budget, limits.max_reqs, limits.batch_max_tokens, chunked=chunked_prefill_size > 0)
+    scheduler = Scheduler(queue, ranks, limits.budget, chunked_prefill_size, admit_every)
+    pending = deque(sorted(reqs, key=lambda r: (r.arrival, r.req_id)))
+    by_id = {r.req_id: r for r in reqs}
+    now = 0.0
+    kv_sum = finished = 0
+    while finished < len(reqs):
+        while pending and pending[0].arrival <= now:
+            r = pending.popleft()
+            scheduler.add(GenerateReq(r.req_id, [0] * r.prompt, SamplingParams(max_new_tokens=r.max_new)))
+        if not scheduler.has_work:
+            now = pending[0].arrival
+            continue
+        outs = scheduler.step()
+        decode_rows, chunk_tokens = ranks.decode_rows[-1], ranks.step_tokens[-1] - ranks.decode_rows[-1]
+        now += cost.a + cost.b * decode_rows + cost.c * chunk_tokens + cost.d * ranks.used
+        res.steps += 1
+        res.prefill_passes += chunk_tokens > 0
+        kv_sum += ranks.used
+        for out in outs:
+            if out.finish_reason is not None:
+                by_id[out.req_id].finish = now
+                finished += 1
+    latency = np.array([r.finish - r.arrival for r in reqs]) / 1000.0
+    res.pauses = ranks.released_running  # no aborts here: every release of a running request is a pause
+    res.sim_time_s = now / 1000.0
+    res.throughput_tok_s = sum(r.output for r in reqs) / res.sim_time_s
+    res.mean_batch = float(np.mean(ranks.decode_rows))
+    res.mean_kv_occupancy_pct = 100.0 * kv_sum / (res.steps * limits.budget)
+    res.mean_latency_s = float(latency.mean())
+    res.p99_latency_s = float(np.quantile(latency, 0.99))
+    return res
+
+
 def make_workload(args: argparse.Namespace) -> list[SimReq]:
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(args.prompt_min, args.prompt_max + 1, args.num_requests)
@@ -313,6 +362,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="router_max_new_token_len of er-optimistic (default: learned from finished requests)")
     p.add_argument("--cost", type=float, nargs=4, metavar=("A", "B", "C", "D"), default=list(asdict(Cost()).values()),
                    help="ms per pass, per decode request, per prefill token, per KV token read")
+    p.add_argument("--chunked-prefill-sizes", default="512",
+                   help="budgets of the step-scheduler rows (er-steps-N: the real Scheduler, conservative); "
+                        "0: whole prompts in steps of their own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -342,6 +394,8 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     started = time.perf_counter()
     for name, make in policies.items():
         results.append(simulate(name, make(), make_workload(args), limits, cost, args.admit_every))
+    for size in (int(x) for x in args.chunked_prefill_sizes.split(",") if x.strip()):
+        results.append(simulate_steps(f"er-steps-{size}", make_workload(args), limits, cost, args.admit_every, size))
     wall = time.perf_counter() - started
 
     arrival = f"Poisson {args.rate:g} req/s" if args.rate > 0 else "all at t=0"

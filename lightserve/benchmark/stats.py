@@ -28,18 +28,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Distribution:
-    """Mean / median / p99 of a latency, in milliseconds."""
+    """Mean / median / p99 / max of a latency, in milliseconds."""
 
     mean: float
     p50: float
     p99: float
     count: int
+    max: float = math.nan
 
     @classmethod
     def of_seconds(cls, values: Sequence[float]) -> "Distribution":
         ms = [v * 1000.0 for v in values]
         mean = float(np.mean(ms)) if ms else math.nan
-        return cls(mean, percentile(ms, 50), percentile(ms, 99), len(ms))
+        return cls(mean, percentile(ms, 50), percentile(ms, 99), len(ms), max(ms) if ms else math.nan)
 
 
 def ttft(record: RequestRecord) -> Optional[float]:

@@ -36,6 +36,8 @@ class SimulatedRanks:
         self.reqs: dict[int, _Req] = {}
         self.peak_used = 0
         self.step_tokens: list[int] = []  # tokens computed by each step
+        self.decode_rows: list[int] = []  # decode rows of each step
+        self.released_running = 0  # releases of requests still held (aborts and pauses)
 
     @property
     def used(self) -> int:
@@ -43,7 +45,7 @@ class SimulatedRanks:
 
     def step(self, plan: StepPlan) -> StepResult:
         for req_id in plan.release:
-            self.reqs.pop(req_id, None)
+            self.released_running += self.reqs.pop(req_id, None) is not None
         for g in plan.new_reqs:
             assert g.req_id not in self.reqs, f"request {g.req_id} admitted twice"
             self.reqs[g.req_id] = _Req(len(g.prompt_ids) + len(g.output_ids), len(g.output_ids),
@@ -61,6 +63,7 @@ class SimulatedRanks:
             if r.todo == 0:
                 sampling.append(c.req_id)
         self.step_tokens.append(decode_rows + sum(c.num_tokens for c in plan.chunks))
+        self.decode_rows.append(decode_rows)
         used = self.used
         self.peak_used = max(self.peak_used, used)
         if used > self.pool:
