@@ -100,7 +100,7 @@ class Pipeline:
             left = deadline - time.monotonic()
             assert left > 0, f"router got only {got}"
             if self.router.poll(int(left * 1000)):
-                got.append(serde.loads(self.router.recv()))
+                got.append(serde.ROUTER_IN.decode(self.router.recv()))
         return got
 
     def forwarded(self, n: int, timeout_s: float = 30.0) -> list[GenerateReq]:
@@ -112,7 +112,7 @@ class Pipeline:
         got = []
         while len(got) < n:
             assert self.detok.poll(int(timeout_s * 1000)), f"detokenizer got only {got}"
-            got.append(serde.loads(self.detok.recv()))
+            got.append(serde.DETOK_IN.decode(self.detok.recv()))
         return got
 
     def refs(self, req: GenerateReq) -> list[int]:

@@ -9,9 +9,10 @@ import zmq
 from transformers import AutoTokenizer
 
 from lightserve.detokenization.incremental import IncrementalDetokenizer
-from lightserve.io_struct import AbortReq, BatchTextOut, BatchTokenOut, FinishReason, GenerateReq, TextOut, TokenOut
+from lightserve.io_struct import AbortReq, BatchTextOut, FinishReason, GenerateReq, TextOut, TokenOut
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
+from lightserve.utils.inbox import drain
 from lightserve.utils.process import run_child
 from lightserve.utils.run_paths import RunPaths
 
@@ -63,17 +64,15 @@ class DetokenizationManager:
 
     def loop(self) -> None:
         while True:
-            msg = serde.loads(self.inbox.recv())
-            if isinstance(msg, GenerateReq):
-                self.requests[msg.req_id] = TextAssembler(self.tokenizer, msg)
-            elif isinstance(msg, AbortReq):
-                self.requests.pop(msg.req_id, None)
-            elif isinstance(msg, BatchTokenOut):
-                texts = self.handle(msg.outs)
-                if texts:
-                    self.to_http.send(serde.dumps(BatchTextOut(texts)))
+            for msg in drain(self.inbox, serde.DETOK_IN, block=True):
+                if isinstance(msg, GenerateReq):
+                    self.requests[msg.req_id] = TextAssembler(self.tokenizer, msg)
+                elif isinstance(msg, AbortReq):
+                    self.requests.pop(msg.req_id, None)
+                else:  # BatchTokenOut
+                    self.handle(msg.outs)
 
-    def handle(self, outs: list[TokenOut]) -> list[TextOut]:
+    def handle(self, outs: list[TokenOut]) -> None:
         texts = []
         for out in outs:
             assembler = self.requests.get(out.req_id)
@@ -83,7 +82,8 @@ class DetokenizationManager:
             if text.finish_reason is not None:
                 del self.requests[out.req_id]
             texts.append(text)
-        return texts
+        if texts:
+            self.to_http.send(serde.dumps(BatchTextOut(texts)))
 
 
 def start_detokenization_process(args: ServerArgs, paths: RunPaths, tokenizer_dir: str, pipe: Connection) -> None:

@@ -28,7 +28,7 @@ import zmq
 
 from lightserve.backend.device import resolve_device, resolve_dtype
 from lightserve.cache_manager.client import CacheClient
-from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, TokenOut
+from lightserve.io_struct import BatchTokenOut, FinishReason, GenerateReq, TokenOut
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.inbox import drain
@@ -62,14 +62,11 @@ class VisualManager:
                 self.step()
 
     def receive(self, block: bool) -> None:
-        for msg in drain(self.inbox, block):
+        for msg in drain(self.inbox, serde.VISUAL_IN, block):
             if isinstance(msg, GenerateReq):
                 self.pending[msg.req_id] = msg
-            elif isinstance(msg, AbortReq):
-                if self.pending.pop(msg.req_id, None) is None:
-                    self.to_router.send(serde.dumps(msg))
-            else:
-                logger.error("visual: unexpected message %r", type(msg).__name__)
+            elif self.pending.pop(msg.req_id, None) is None:  # an AbortReq for a forwarded request
+                self.to_router.send(serde.dumps(msg))
 
     def step(self) -> None:
         """Fail the broken requests, encode one batch, forward the requests that are ready."""
