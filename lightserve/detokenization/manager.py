@@ -1,4 +1,9 @@
-"""The detokenization process: token ids from the router -> text deltas for the httpserver."""
+"""The detokenization process: token ids from the router -> text deltas for the httpserver.
+
+Stop strings are matched here, on text; a request that meets one is aborted in the router
+from here too (an `AbortReq` on the router's inbox), so its KV is freed without a detour
+through the httpserver.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +65,10 @@ class DetokenizationManager:
         self.inbox.bind(paths.detok_in)
         self.to_http = ctx.socket(zmq.PUSH)
         self.to_http.connect(paths.http_in)
+        # Only this process sees stop strings: it tells the router itself, which frees the
+        # request's KV at its next step.
+        self.to_router = ctx.socket(zmq.PUSH)
+        self.to_router.connect(paths.router_in)
         self.requests: dict[int, TextAssembler] = {}
 
     def loop(self) -> None:
@@ -73,6 +82,7 @@ class DetokenizationManager:
                     self.handle(msg.outs)
 
     def handle(self, outs: list[TokenOut]) -> None:
+        """Text for the httpserver; a request that met a stop string is aborted in the router."""
         texts = []
         for out in outs:
             assembler = self.requests.get(out.req_id)
@@ -81,6 +91,8 @@ class DetokenizationManager:
             text = assembler.apply(out)
             if text.finish_reason is not None:
                 del self.requests[out.req_id]
+            if text.finish_reason is FinishReason.STOP:
+                self.to_router.send(serde.dumps(AbortReq(out.req_id)))
             texts.append(text)
         if texts:
             self.to_http.send(serde.dumps(BatchTextOut(texts)))

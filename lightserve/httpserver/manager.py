@@ -327,10 +327,6 @@ class HttpServerManager:
                 self._dispatch(out)
 
     def _dispatch(self, out: TextOut) -> None:
-        if out.finish_reason is FinishReason.STOP:
-            # Only the detokenizer sees stop strings; the router still counts the request as
-            # running until told, so free its KV now.
-            self._outbox.put_nowait((self._to_router, AbortReq(out.req_id)))
         stream = self._streams.get(out.req_id)
         if stream is not None:  # else: aborted already, the output is late
             stream._deliver(out)

@@ -25,7 +25,8 @@ class RunPaths:
 
     @property
     def router_in(self) -> str:
-        """httpserver / visual -> router: GenerateReq, AbortReq (`serde.ROUTER_IN`)."""
+        """httpserver / visual -> router: GenerateReq, AbortReq; detokenization -> router:
+        AbortReq of a request that met a stop string (`serde.ROUTER_IN`)."""
         return self._ipc("router")
 
     @property
