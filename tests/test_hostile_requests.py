@@ -28,6 +28,7 @@ from lightserve.backend.engine import ModelEngine
 from lightserve.backend.worker import ModelWorkerService, RankRunner
 from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager.manager import start_cache_manager_process
+from lightserve.cache_manager.protocol import CacheStats, GetStats
 from lightserve.httpserver.admission import Admission, InFlightLimit
 from lightserve.httpserver.errors import ApiError
 from lightserve.io_struct import BackendCall
@@ -495,10 +496,11 @@ def test_cache_manager_service_exposes_only_its_methods(tmp_path) -> None:
     children.start([("cache_manager", start_cache_manager_process, (ServerArgs(log_level="warning"), paths))])
     conn = _connect_when_listening(paths.cache_socket)
     try:
-        assert json.loads(conn.root.stats())["records"] == 0  # the exposed methods work
+        stats = serde.SocketDecoder("reply", CacheStats).decode(conn.root.call(serde.dumps(GetStats())))
+        assert stats.records == 0  # the exposed method works
         for reach in (lambda: conn.root.cache, lambda: conn.root.cache.records, lambda: conn.root._conn,
-                      lambda: conn.root.exposed_stats.__globals__, lambda: conn.root.stats.__func__,
-                      lambda: conn.root.stats.__self__, lambda: conn.root.getmodule("os"),
+                      lambda: conn.root.exposed_call.__globals__, lambda: conn.root.call.__func__,
+                      lambda: conn.root.call.__self__, lambda: conn.root.stats, lambda: conn.root.getmodule("os"),
                       lambda: conn.root.eval("1 + 1"), lambda: conn.root.execute("import os"),
                       lambda: conn.root.__dict__):
             with pytest.raises(AttributeError):

@@ -33,6 +33,7 @@ from typing import Callable, Optional, TypeVar, Union
 import zmq
 import zmq.asyncio
 
+from lightserve.cache_manager.protocol import CacheStats
 from lightserve.httpserver.images import ImageIntake, PreparedImages
 from lightserve.httpserver.metrics import RequestRecord, ServerMetrics
 from lightserve.io_struct import (
@@ -261,7 +262,7 @@ class HttpServerManager:
         if req.images and self._failure is None:
             self.images.release(req.images)
 
-    async def image_cache_stats(self) -> Optional[dict[str, int]]:
+    async def image_cache_stats(self) -> Optional[CacheStats]:
         """The cache manager's figures (multimodal servers), None otherwise."""
         if self.images is None:
             return None
