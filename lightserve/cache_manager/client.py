@@ -36,6 +36,9 @@ class CacheClient:
         self.prefix = shm.segment_prefix(paths.run_dir)
         self._lock = threading.Lock()
         self._conn = self._connect(paths.cache_socket, connect_timeout_s)
+        # Every attribute read on an rpyc proxy is a round trip of its own: look the remote
+        # method up once, so that a call is one round trip, not two.
+        self._remote_call = self._conn.root.call
 
     @staticmethod
     def _connect(socket_path: str, timeout_s: float) -> rpyc.Connection:
@@ -53,7 +56,7 @@ class CacheClient:
     def _call(self, req: Request) -> Payload:
         payload = serde.dumps(req)
         with self._lock:
-            reply = self._conn.root.call(payload)
+            reply = self._remote_call(payload)
         return _reply_decoder(req.reply).decode(reply)
 
     def close(self) -> None:
