@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Optional, Sequence
@@ -13,16 +12,11 @@ from lightserve.cache_manager import shm
 from lightserve.cache_manager.image_cache import NeverFits
 from lightserve.cache_manager.protocol import (
     Alloc, AllocEmbeds, CacheStats, EmbedSlot, GetStats, ImageSpec, Payload, RecordRef, RecordStatus, Release,
-    Request, SetData, SetEmbeds, Status,
+    Request, SetData, SetEmbeds, Status, reply_decoder,
 )
 from lightserve.utils import serde
 from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
-
-
-@functools.cache
-def _reply_decoder(kind: type[Payload]) -> serde.SocketDecoder:
-    return serde.SocketDecoder("cache manager reply", kind)
 
 
 class CacheClient:
@@ -57,7 +51,7 @@ class CacheClient:
         payload = serde.dumps(req)
         with self._lock:
             reply = self._remote_call(payload)
-        return _reply_decoder(req.reply).decode(reply)
+        return reply_decoder(req.reply).decode(reply)
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ else can be constructed), the client decodes the reply against the type it asked
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, Literal, Union
 
 import msgspec
@@ -136,3 +137,9 @@ class GetStats(Request):
 CacheRequest = Union[Alloc, Release, SetData, Status, AllocEmbeds, SetEmbeds, GetStats]
 
 CACHE_IN: SocketDecoder[CacheRequest] = SocketDecoder("cache manager", *CacheRequest.__args__)
+
+
+@functools.cache
+def reply_decoder(kind: type[Payload]) -> SocketDecoder:
+    """The decoder of one reply kind (`Request.reply`), built once."""
+    return SocketDecoder("cache manager reply", kind)
