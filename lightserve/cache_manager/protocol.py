@@ -17,7 +17,8 @@ from lightserve.utils.serde import SocketDecoder
 
 
 class Payload(msgspec.Struct, forbid_unknown_fields=True):
-    pass
+    """Base of everything on the cache manager's socket: a field the receiver does not know is
+    an error, not silently dropped."""
 
 
 # ---- values -----------------------------------------------------------------------------------
