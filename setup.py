@@ -13,6 +13,8 @@ setup(
         "torch>=2.3",
         "triton",
         "pyzmq",
+        # The messages between processes (typed structs, msgpack on the wire).
+        "msgspec",
         "rpyc",
         "transformers>=5.0",
         "tokenizers",

@@ -1,16 +1,19 @@
 """Typed messages that cross process boundaries.
 
 Every message between the httpserver, visual server, router, backend workers and the
-detokenizer is one of these dataclasses, never a bare tuple. They hold plain data only
-(ints, floats, strings, lists), so they travel over the private ipc sockets of one server
-instance and never over the network.
+detokenizer is one of these `msgspec.Struct`s, never a bare tuple. They hold plain data only
+(ints, floats, strings, lists), travel as msgpack (`utils/serde.py`) and are decoded against
+the kinds a socket carries, so nothing received can construct any other object.
+
+The kinds that share a socket carry a tag (`tag=True`: a `"type"` entry naming the class),
+which is what a socket's decoder picks the kind by. `Message` makes every struct strict:
+a field the receiver does not know is an error, not silently dropped.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import msgspec
@@ -30,8 +33,12 @@ MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
 
 
-@dataclass
-class SamplingParams:
+class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every message: unknown fields are rejected; fields at their default are left
+    out of the encoding (most tokens carry no alternatives, seed or error)."""
+
+
+class SamplingParams(Message):
     """How to pick the next tokens of one request.
 
     `temperature == 0` means greedy decoding (the other sampling knobs are then ignored).
@@ -45,8 +52,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI-style: over generated tokens
     frequency_penalty: float = 0.0  # OpenAI-style: over generated tokens
     seed: Optional[int] = None  # None: a random seed is drawn (and reported back)
-    stop: list[str] = field(default_factory=list)  # stop strings, matched on text
-    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end a request
+    stop: list[str] = msgspec.field(default_factory=list)  # stop strings, matched on text
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)  # extra token ids that end a request
     ignore_eos: bool = False
     logprobs: int = 0  # number of top alternatives to return per token (0: only the chosen one)
 
@@ -80,8 +87,7 @@ class SamplingParams:
             fail("logprobs", "must be an integer in [0, 20]")
 
 
-@dataclass
-class ImageItem:
+class ImageItem(Message):
     """One image of a multimodal request, as the cache manager knows it."""
 
     md5: str
@@ -90,46 +96,41 @@ class ImageItem:
     token_num: int = 0  # number of placeholder tokens (= embedding rows)
 
 
-@dataclass
-class GenerateReq:
+class GenerateReq(Message, tag=True):
     """A tokenized request on its way to the router."""
 
     req_id: int
     prompt_ids: list[int]
     sampling: SamplingParams
-    images: list[ImageItem] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.time)
+    images: list[ImageItem] = msgspec.field(default_factory=list)
+    arrival_time: float = msgspec.field(default_factory=time.time)
     # Tokens generated before the request was paused; recomputed with the prompt on resume.
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = msgspec.field(default_factory=list)
 
 
-@dataclass
-class AbortReq:
+class AbortReq(Message, tag=True):
     req_id: int
 
 
-@dataclass
-class TokenOut:
-    """One generated token of one request (router -> detokenizer)."""
+class TokenOut(Message):
+    """One generated token of one request (ranks -> router -> detokenizer)."""
 
     req_id: int
     token_id: int
     logprob: float
     finish_reason: Optional[FinishReason] = None
     # Top alternatives as (token_id, logprob) when the request asked for them.
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
     prompt_tokens: int = 0
     seed: Optional[int] = None
     error: Optional[str] = None  # the request failed or was refused inside the router/backend
 
 
-@dataclass
-class BatchTokenOut:
+class BatchTokenOut(Message, tag=True):
     outs: list[TokenOut]
 
 
-@dataclass
-class TextOut:
+class TextOut(Message):
     """Detokenized output of one request (detokenizer -> httpserver)."""
 
     req_id: int
@@ -141,18 +142,16 @@ class TextOut:
     finish_reason: Optional[FinishReason] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
     seed: Optional[int] = None
     error: Optional[str] = None  # set when the request failed inside the server
 
 
-@dataclass
-class BatchTextOut:
+class BatchTextOut(Message, tag=True):
     outs: list[TextOut]
 
 
-@dataclass
-class RouterStats:
+class RouterStats(Message, tag=True):
     """The router's view of load (router -> httpserver, for /metrics and tests)."""
 
     kv_total: int
@@ -160,13 +159,13 @@ class RouterStats:
     running_reqs: int
     waiting_reqs: int
     # Seconds each request admitted since the last report waited in the queue.
-    queue_times: list[float] = field(default_factory=list)
+    queue_times: list[float] = msgspec.field(default_factory=list)
 
 
 # ---- router <-> backend ranks: one call per rank per step -------------------------------------
 
 
-class Chunk(msgspec.Struct, array_like=True):
+class Chunk(Message, array_like=True):
     """`num_tokens` more tokens of one request computed this step: the next piece of its prompt
     (recomputed output included after a pause). The chunk that reaches the end of those tokens
     samples the request's next token; the request decodes from then on."""
@@ -175,7 +174,7 @@ class Chunk(msgspec.Struct, array_like=True):
     num_tokens: int
 
 
-class StepPlan(msgspec.Struct, tag=True):
+class StepPlan(Message, tag=True):
     """Everything a rank does in one step, in this order:
 
     1. `release`: requests finished outside the rank (stop string), aborted or paused since the
@@ -196,14 +195,14 @@ class StepPlan(msgspec.Struct, tag=True):
         return cls(new_reqs=reqs, chunks=[Chunk(r.req_id, len(r.prompt_ids) + len(r.output_ids)) for r in reqs])
 
 
-class Shutdown(msgspec.Struct, tag=True):
+class Shutdown(Message, tag=True):
     """The router is going away: ranks stop (and rank 0 tells the ranks of other nodes)."""
 
 
 RankCall = Union[StepPlan, Shutdown]
 
 
-class StepResult(msgspec.Struct):
+class StepResult(Message, tag=True):
     """A rank's answer to one StepPlan (rank 0's is the one the router reads)."""
 
     outs: list[TokenOut]  # one per request that sampled, plus one error per request refused at admission

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+import msgspec
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -89,7 +89,7 @@ class LLM:
         if why is not None:
             raise ValueError(why)
         if params.seed is None and not params.is_greedy:
-            params = dataclasses.replace(params, seed=secrets.randbits(63))
+            params = msgspec.structs.replace(params, seed=secrets.randbits(63))
         return GenerateReq(req_id=next(self._ids), prompt_ids=ids, sampling=params)
 
     def _run(self, reqs: list[GenerateReq], prompts: Sequence[Prompt], use_tqdm: bool) -> list[RequestOutput]:

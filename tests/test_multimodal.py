@@ -32,6 +32,7 @@ from lightserve.backend.image_inputs import read_embedding
 from lightserve.cache_manager import shm
 from lightserve.cache_manager.client import CacheClient
 from lightserve.cache_manager.manager import start_cache_manager_process
+from lightserve.cache_manager.protocol import ImageSpec
 from lightserve.httpserver.errors import ApiError
 from lightserve.httpserver.images import ImageIntake, ImageLimits, ImageSource, expand_image_tags
 from lightserve.io_struct import AbortReq, BatchTokenOut, GenerateReq, ImageItem, SamplingParams
@@ -100,7 +101,7 @@ class Pipeline:
             left = deadline - time.monotonic()
             assert left > 0, f"router got only {got}"
             if self.router.poll(int(left * 1000)):
-                got.append(serde.loads(self.router.recv()))
+                got.append(serde.ROUTER_IN.decode(self.router.recv()))
         return got
 
     def forwarded(self, n: int, timeout_s: float = 30.0) -> list[GenerateReq]:
@@ -112,17 +113,17 @@ class Pipeline:
         got = []
         while len(got) < n:
             assert self.detok.poll(int(timeout_s * 1000)), f"detokenizer got only {got}"
-            got.append(serde.loads(self.detok.recv()))
+            got.append(serde.DETOK_IN.decode(self.detok.recv()))
         return got
 
     def refs(self, req: GenerateReq) -> list[int]:
-        return [s[3] for s in self.cache.status([img.record_id for img in req.images])]
+        return [s.refs for s in self.cache.status([img.record_id for img in req.images])]
 
     def release(self, *reqs: GenerateReq) -> None:
         for req in reqs:
             self.intake.release(req.images)
         for req in reqs:
-            wait_until(lambda r=req: all(n == 0 for n in self.refs(r)) or not self.cache.status([r.images[0].record_id])[0][0])
+            wait_until(lambda r=req: all(n == 0 for n in self.refs(r)) or not self.cache.status([r.images[0].record_id])[0].exists)
 
     def close(self) -> None:
         self.intake.close()
@@ -214,7 +215,7 @@ def test_same_image_in_ten_requests_is_encoded_once(pipe):
     assert sorted(r.req_id for r in fwd) == sorted(r.req_id for r in reqs)
     assert len({img.record_id for r in reqs for img in r.images}) == 1
     after = pipe.cache.stats()
-    assert after["images_encoded"] - before["images_encoded"] == 1
+    assert after.images_encoded - before.images_encoded == 1
     assert pipe.refs(reqs[1]) == [11]
     pipe.release(*reqs)
     assert pipe.refs(reqs[1]) == [0]
@@ -227,8 +228,8 @@ def test_several_images_in_one_request_are_one_batch(pipe, hf_llava, runner):
     pipe.submit(prompt, images)
     (fwd,) = pipe.forwarded(1)
     after = pipe.cache.stats()
-    assert after["images_encoded"] - before["images_encoded"] == 3
-    assert after["encode_batches"] - before["encode_batches"] == 1
+    assert after.images_encoded - before.images_encoded == 3
+    assert after.encode_batches - before.encode_batches == 1
     expected_prompt, expected = hf_generate(hf_llava, prompt, images)
     assert fwd.prompt_ids == expected_prompt
     assert runner.greedy([fwd], pipe.prefix, NEW_TOKENS)[0] == expected
@@ -280,14 +281,14 @@ def test_tensor_parallel_prefill_splices_the_embeddings(pipe, hf_llava, llava_di
 
 def test_request_aborted_while_its_image_is_encoded(pipe):
     big = random_image(40, 1600, 1200)  # 5 MB of noise: ~0.25 s to decode, resize and encode
-    before = pipe.cache.stats()["images_encoded"]
+    before = pipe.cache.stats().images_encoded
     aborted = pipe.submit(PROMPT, [big])
     time.sleep(0.02)  # the visual server is now (most likely) encoding it
     pipe.abort(aborted)
     follower = pipe.submit(PROMPT, [random_image(41, 30, 30)])
     msgs = pipe.router_messages(lambda got: any(isinstance(m, GenerateReq) and m.req_id == follower.req_id for m in got))
     ids = [(type(m).__name__, m.req_id) for m in msgs]
-    encoded = pipe.cache.stats()["images_encoded"] - before - 1  # the follower's image is the other one
+    encoded = pipe.cache.stats().images_encoded - before - 1  # the follower's image is the other one
     if ("GenerateReq", aborted.req_id) in ids:
         # Encoded and forwarded before the abort was read: the abort follows it on the same socket.
         assert ids.index(("AbortReq", aborted.req_id)) > ids.index(("GenerateReq", aborted.req_id))
@@ -303,7 +304,7 @@ def test_undecodable_bytes_in_the_cache_fail_only_their_request(pipe):
     # Bytes that bypassed the httpserver's checks: the visual server must end the request with
     # an error (through the detokenizer) and keep serving.
     junk = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-    (rid, _), = pipe.cache.alloc([("0" * 32, len(junk), TOKENS_PER_IMAGE)])
+    rid = pipe.cache.alloc([ImageSpec("0" * 32, len(junk), TOKENS_PER_IMAGE)])[0].record_id
     assert pipe.cache.put_data(rid, junk)
     ids = pipe.tokenizer.encode("x") + [pipe.intake.spec.image_token_id] * TOKENS_PER_IMAGE
     bad = GenerateReq(999, ids, SamplingParams(temperature=0.0), images=[ImageItem("0" * 32, rid, len(ids) - TOKENS_PER_IMAGE, TOKENS_PER_IMAGE)])
@@ -384,7 +385,7 @@ def test_capacity_two_with_five_images_evicts_and_answers_all(llava_dir, hf_llav
             t.start()
         for _ in range(5):
             (fwd,) = small.forwarded(1)
-            assert small.cache.stats()["records"] <= 2
+            assert small.cache.stats().records <= 2
             wait_until(lambda: fwd.images[0].md5 in by_md5)
             stored = read_embedding(small.prefix, fwd.images[0].record_id, TOKENS_PER_IMAGE, 64)
             torch.testing.assert_close(stored, reference[by_md5[fwd.images[0].md5]], atol=1e-5, rtol=1e-5)
@@ -393,7 +394,7 @@ def test_capacity_two_with_five_images_evicts_and_answers_all(llava_dir, hf_llav
             t.join(30)
         stats = small.cache.stats()
         assert len(submitted) == 5
-        assert (stats["records"], stats["referenced"], stats["evictions"], stats["images_encoded"]) == (2, 0, 3, 5)
+        assert (stats.records, stats.referenced, stats.evictions, stats.images_encoded) == (2, 0, 3, 5)
 
         # Both records referenced: a third image waits, then is refused with 429 ...
         held = [small.submit(PROMPT, [img]) for img in images[:2]]

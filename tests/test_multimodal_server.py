@@ -20,6 +20,7 @@ import struct
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,7 +36,8 @@ from lightserve.server_args import ServerArgs
 from lightserve.visual.encoder import VisionEncoder, load_image
 from tests.engine_steps import decode, prefill, run_to_end
 from tests.llava_factory import TOKENS_PER_IMAGE, hf_generate, random_image
-from tests.server_harness import ServerProcess, assert_stopped_after_child_death, kill_child_mid_stream, shm_of
+from tests.server_harness import (ServerProcess, assert_stopped_after_child_death, child_owning, kill_child_mid_stream,
+                                  shm_of)
 
 PROMPT = "User: <image>\nWhat is in this picture? Assistant:"
 QUESTION = "What is in this picture?"
@@ -225,6 +227,17 @@ def test_remote_images_are_fetched_within_the_size_limit():
 def test_tiny_and_large_images_answer_correctly(server, hf_llava, width, height, fmt):
     image = random_image(7, width, height, fmt=fmt)
     assert generated_ids(server, PROMPT, [image]) == hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)[1]
+
+
+def test_the_router_and_the_cache_manager_do_not_load_torch(server):
+    """Neither needs the model or the tokenizer (DESIGN §10): torch would cost each of them its
+    import time and hundreds of MB. A backend rank, which does load it, shows the check works."""
+    def maps(socket_name: str) -> str:
+        return Path(f"/proc/{child_owning(server, socket_name).pid}/maps").read_text()
+
+    assert "libtorch" not in maps("router.sock")
+    assert "libtorch" not in maps("cache.rpyc")
+    assert "libtorch" in maps("worker0.rpyc")
 
 
 # ---- the engine: a paused request keeps its images --------------------------------------------------

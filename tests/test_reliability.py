@@ -340,7 +340,7 @@ class RouterOverEngine:
                 break
             self.router.step()
         while self.detok.poll(200):  # ipc delivers asynchronously: wait until it goes quiet
-            msg = serde.loads(self.detok.recv())
+            msg = serde.DETOK_IN.decode(self.detok.recv())
             if isinstance(msg, BatchTokenOut):
                 for out in msg.outs:
                     self.outs[out.req_id].append(out)

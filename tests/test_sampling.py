@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Optional
 
+import msgspec
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -379,7 +379,7 @@ def test_no_penalty_state_without_penalties() -> None:
 def test_updates_match_a_state_built_from_the_whole_history() -> None:
     prompts, outputs, _ = penalty_case()
     vocab = 64
-    params = [replace(p, temperature=1.0) for p in PENALTY_PARAMS]
+    params = [msgspec.structs.replace(p, temperature=1.0) for p in PENALTY_PARAMS]
     batch = SamplingBatch.build(params, list(range(5)), prompts, vocab, "cpu")
     gen = torch.Generator().manual_seed(4)
     generated: list[list[int]] = [[] for _ in range(5)]
@@ -408,7 +408,7 @@ def assert_state_matches(
 def test_filter_and_merge_keep_penalty_rows_aligned() -> None:
     prompts, outputs, _ = penalty_case()
     vocab = 64
-    params = [replace(p, temperature=0.8) for p in PENALTY_PARAMS]
+    params = [msgspec.structs.replace(p, temperature=0.8) for p in PENALTY_PARAMS]
     batch = SamplingBatch.build(params, list(range(5)), prompts, vocab, "cpu", output_ids=outputs)
 
     def expect(state: PenaltyState, order: list, generated: Optional[torch.Tensor] = None) -> None:

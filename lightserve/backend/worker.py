@@ -15,7 +15,6 @@ import os
 from multiprocessing.connection import Connection
 from typing import Any, Optional
 
-import msgspec
 import rpyc
 import torch
 import torch.distributed as dist
@@ -26,15 +25,12 @@ from lightserve.backend.parallel import TensorParallel
 from lightserve.cache_manager import shm
 from lightserve.io_struct import RankCall, Shutdown, StepResult
 from lightserve.server_args import ServerArgs
+from lightserve.utils import serde
 from lightserve.utils.process import run_child
 from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
 
 logger = logging.getLogger(__name__)
-
-_CALL_DECODER = msgspec.msgpack.Decoder(RankCall)
-_ENCODER = msgspec.msgpack.Encoder()
-
 
 class RankRunner:
     """Runs the router's calls on this rank's engine (and forwards them to other nodes)."""
@@ -47,7 +43,7 @@ class RankRunner:
     def run(self, payload: bytes) -> bytes:
         if self.forward_group is not None:
             broadcast_bytes(payload, self.forward_group)
-        return _ENCODER.encode(self.execute(_CALL_DECODER.decode(payload)))
+        return serde.dumps(self.execute(serde.RANK_IN.decode(payload)))
 
     def execute(self, call: RankCall) -> Optional[StepResult]:
         if isinstance(call, Shutdown):
@@ -79,7 +75,7 @@ def follow(runner: RankRunner, group) -> None:
     """Remote-node rank: run what rank 0 forwards until it says shutdown or goes away."""
     while True:
         try:
-            call = _CALL_DECODER.decode(broadcast_bytes(None, group))
+            call = serde.RANK_IN.decode(broadcast_bytes(None, group))
         except RuntimeError as e:  # gloo: the connection to node 0 closed
             logger.info("node 0 went away (%s); stopping", str(e).splitlines()[0][:120])
             return

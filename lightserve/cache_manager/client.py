@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Optional, Sequence
 
 import rpyc
 
-from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager import shm
-from lightserve.cache_manager.manager import AllocItem, NeverFits
+from lightserve.cache_manager.image_cache import NeverFits
+from lightserve.cache_manager.protocol import (
+    Alloc, AllocEmbeds, CacheStats, EmbedSlot, GetStats, ImageSpec, Payload, RecordRef, RecordStatus, Release,
+    Request, SetData, SetEmbeds, Status, reply_decoder,
+)
+from lightserve.utils import serde
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
 
 
@@ -26,6 +30,9 @@ class CacheClient:
         self.prefix = shm.segment_prefix(paths.run_dir)
         self._lock = threading.Lock()
         self._conn = self._connect(paths.cache_socket, connect_timeout_s)
+        # Every attribute read on an rpyc proxy is a round trip of its own: look the remote
+        # method up once, so that a call is one round trip, not two.
+        self._remote_call = self._conn.root.call
 
     @staticmethod
     def _connect(socket_path: str, timeout_s: float) -> rpyc.Connection:
@@ -40,22 +47,24 @@ class CacheClient:
                     raise
                 time.sleep(0.05)
 
-    def _call(self, method: str, *args):
+    def _call(self, req: Request) -> Payload:
+        payload = serde.dumps(req)
         with self._lock:
-            return getattr(self._conn.root, method)(*args)
+            reply = self._remote_call(payload)
+        return reply_decoder(req.reply).decode(reply)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
     # ---- records ---------------------------------------------------------------------------
-    def alloc(self, items: Sequence[AllocItem]) -> Optional[list[tuple[int, bool]]]:
-        """References to the records of these images: [(record_id, data_ready)], or None if
-        they do not fit now. Raises `NeverFits` if they never can."""
-        status, payload = self._call("alloc", tuple(tuple(i) for i in items))
-        if status == "too_many":
-            raise NeverFits(payload)
-        return None if status == "full" else [tuple(r) for r in payload]
+    def alloc(self, images: Sequence[ImageSpec]) -> Optional[list[RecordRef]]:
+        """References to the records of these images, in order, or None if they do not fit now.
+        Raises `NeverFits` if they never can."""
+        reply = self._call(Alloc(list(images)))
+        if reply.status == "too_many":
+            raise NeverFits(reply.why)
+        return None if reply.status == "full" else reply.records
 
     def put_data(self, record_id: int, data: bytes) -> bool:
         """Write the image bytes into the record's segment and mark them present; False if the
@@ -64,14 +73,13 @@ class CacheClient:
             shm.write(shm.data_name(self.prefix, record_id), data)
         except FileNotFoundError:
             return False
-        return bool(self._call("set_data", record_id))
+        return self._call(SetData([record_id])).ok[0]
 
     def release(self, record_ids: Sequence[int]) -> None:
-        self._call("release", tuple(record_ids))
+        self._call(Release(list(record_ids)))
 
-    def status(self, record_ids: Sequence[int]) -> list[tuple[bool, bool, bool, int]]:
-        """Per id: (exists, data_ready, embed_ready, refs)."""
-        return [tuple(s) for s in self._call("status", tuple(record_ids))]
+    def status(self, record_ids: Sequence[int]) -> list[RecordStatus]:
+        return self._call(Status(list(record_ids))).records
 
     def read_data(self, record_id: int) -> bytes:
         return shm.read(shm.data_name(self.prefix, record_id))
@@ -80,7 +88,7 @@ class CacheClient:
     def store_embeds(self, items: Sequence[tuple[int, memoryview]]) -> list[bool]:
         """Write one encoded batch: (record_id, embedding bytes) each. Per item, whether it was
         stored (False: the record was evicted meanwhile, its request having been aborted)."""
-        created = self._call("alloc_embeds", tuple((rid, data.nbytes) for rid, data in items))
+        created = self._call(AllocEmbeds([EmbedSlot(rid, data.nbytes) for rid, data in items])).ok
         written = []
         for (rid, data), ok in zip(items, created):
             if ok:
@@ -90,8 +98,8 @@ class CacheClient:
                     ok = False
             if ok:
                 written.append(rid)
-        stored = set(rid for rid, ok in zip(written, self._call("set_embeds", tuple(written))) if ok)
+        stored = set(rid for rid, ok in zip(written, self._call(SetEmbeds(written)).ok) if ok)
         return [rid in stored for rid, _ in items]
 
-    def stats(self) -> dict[str, int]:
-        return json.loads(self._call("stats"))
+    def stats(self) -> CacheStats:
+        return self._call(GetStats())

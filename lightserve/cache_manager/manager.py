@@ -1,14 +1,5 @@
-"""The cache manager process: image records, keyed by the md5 of the image bytes.
-
-A record holds one image's raw bytes and, once the visual server has encoded it, its
-embedding, each in a shared-memory segment named from the record id (see `shm.py`). Requests
-hold references to records: the httpserver takes them when a request arrives (`alloc`) and
-drops them when the request ends (`release`), so a record's embedding stays while any request
-that may still prefill (or be recomputed after a pause) needs it.
-
-Capacity (`--cache_capacity`, in records) is enforced by evicting the least recently released
-record that no request references. When every record is referenced, `alloc` answers "no space
-now" and the caller waits or refuses the request (429); nothing here blocks or crashes.
+"""The cache manager process: serves the instance's `ImageCache` (image records keyed by the md5
+of the image bytes; see `image_cache.py`) to the httpserver and the visual server.
 
 This process alone creates and unlinks segments, so their lifetime has one owner: every
 segment of the instance is unlinked when it stops, on SIGTERM too, and on the launcher's death
@@ -18,262 +9,65 @@ segment of the instance is unlinked when it stops, on SIGTERM too, and on the la
 from __future__ import annotations
 
 import ctypes
-import itertools
-import json
 import logging
 import signal
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Optional, Sequence
 
 import rpyc
 from rpyc.utils.server import ThreadedServer
 
-from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.cache_manager import shm
+from lightserve.cache_manager.image_cache import ImageCache, NeverFits
+from lightserve.cache_manager.protocol import (
+    CACHE_IN, Alloc, AllocEmbeds, AllocReply, CacheRequest, Done, Flags, GetStats, Payload, Release, SetData,
+    SetEmbeds, Status, Statuses,
+)
 from lightserve.server_args import ServerArgs
+from lightserve.utils import serde
 from lightserve.utils.process import run_child
+from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
 
 logger = logging.getLogger(__name__)
 
-# One image as the httpserver announces it: (md5 hex digest, byte size, placeholder tokens).
-AllocItem = tuple[str, int, int]
 
-
-class NeverFits(ValueError):
-    """The request names more distinct images than the cache can ever hold at once."""
-
-
-@dataclass
-class Record:
-    record_id: int
-    md5: str
-    data_nbytes: int
-    token_num: int
-    refs: int = 0
-    data_ready: bool = False
-    embed_ready: bool = False
-    embed_nbytes: int = 0  # 0 until the embedding segment exists
-
-
-class ImageCache:
-    """The records and their segments. Thread-safe: rpyc serves each client in its own thread."""
-
-    def __init__(self, prefix: str, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"--cache_capacity must be at least 1, got {capacity}")
-        self.prefix = prefix
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._records: dict[int, Record] = {}
-        self._by_md5: dict[str, int] = {}
-        # Records no request references, least recently released first: the eviction order.
-        self._idle: OrderedDict[int, None] = OrderedDict()
-        # Ids are never reused, so a stale id can never name another image's segments.
-        self._ids = itertools.count(1)
-        self._closed = False  # after close(), nothing creates segments any more
-        self.evictions = 0
-        self.images_encoded = 0  # embeddings stored by the visual server
-        self.encode_batches = 0  # batches they came in
-
-    # ---- references ----------------------------------------------------------------------
-    def alloc(self, items: Sequence[AllocItem]) -> Optional[list[tuple[int, bool]]]:
-        """Take one reference per item, all or none: [(record_id, data_ready)] in item order,
-        or None when the new records do not fit now (every record is referenced, or shared
-        memory is exhausted). Raises `NeverFits` if they could not fit even in an empty cache."""
-        with self._lock:
-            if self._closed:
-                return None
-            sizes: dict[str, tuple[int, int]] = {}
-            for md5, nbytes, token_num in items:
-                if nbytes < 1 or token_num < 1:
-                    raise ValueError(f"image {md5}: {nbytes} bytes, {token_num} tokens")
-                rid = self._by_md5.get(md5)
-                known = sizes.setdefault(md5, (nbytes, token_num) if rid is None else
-                                         (self._records[rid].data_nbytes, self._records[rid].token_num))
-                if known != (nbytes, token_num):
-                    raise ValueError(f"image {md5} announced as {nbytes} bytes / {token_num} tokens, known as {known}")
-            if len(sizes) > self.capacity:
-                raise NeverFits(f"{len(sizes)} distinct images in one request; the image cache holds {self.capacity}")
-            new_md5s = [md5 for md5 in sizes if md5 not in self._by_md5]
-            hits = {self._by_md5[md5] for md5 in sizes if md5 in self._by_md5}
-            # Records this request asks for are not evictable, even if nobody references them yet.
-            evictable = [rid for rid in self._idle if rid not in hits]
-            shortfall = len(self._records) + len(new_md5s) - self.capacity
-            if shortfall > len(evictable):
-                return None
-            for rid in evictable[: max(0, shortfall)]:
-                self._drop(rid)
-                self.evictions += 1
-            created: list[Record] = []
+def handle(cache: ImageCache, req: CacheRequest) -> Payload:
+    """Run one request on the cache; the reply is of type `type(req).reply`. Expected outcomes
+    (no room now, too many images) are replies; a caller's bug (inconsistent sizes) raises."""
+    match req:
+        case Alloc(images=images):
             try:
-                for md5 in new_md5s:
-                    created.append(self._create(md5, *sizes[md5]))
-            except OSError:
-                logger.exception("cache manager: cannot create a shared-memory segment")
-                for rec in created:
-                    self._drop(rec.record_id)
-                return None
-            out = []
-            for md5, _, _ in items:
-                rec = self._records[self._by_md5[md5]]
-                rec.refs += 1
-                self._idle.pop(rec.record_id, None)
-                out.append((rec.record_id, rec.data_ready))
-            return out
-
-    def release(self, record_ids: Sequence[int]) -> None:
-        """Drop one reference per id; a record nobody references becomes evictable (most
-        recently used last)."""
-        with self._lock:
-            for rid in record_ids:
-                rec = self._records.get(rid)
-                if rec is None or rec.refs == 0:
-                    # A referenced record is never evicted, so this is a caller's bug: say so,
-                    # but keep serving everyone else.
-                    logger.error("cache manager: release of unreferenced record %s", rid)
-                    continue
-                rec.refs -= 1
-                if rec.refs == 0:
-                    self._idle[rid] = None
-
-    # ---- data and embeddings ---------------------------------------------------------------
-    def set_data(self, record_id: int) -> bool:
-        """The image bytes are in the data segment. False if the record is gone."""
-        with self._lock:
-            rec = self._records.get(record_id)
-            if rec is None:
-                return False
-            rec.data_ready = True
-            return True
-
-    def status(self, record_ids: Sequence[int]) -> list[tuple[bool, bool, bool, int]]:
-        """Per id: (exists, data_ready, embed_ready, refs)."""
-        with self._lock:
-            out = []
-            for rid in record_ids:
-                rec = self._records.get(rid)
-                out.append((False, False, False, 0) if rec is None else (True, rec.data_ready, rec.embed_ready, rec.refs))
-            return out
-
-    def alloc_embeds(self, items: Sequence[tuple[int, int]]) -> list[bool]:
-        """Create the embedding segment of each (record_id, nbytes) that lacks one; per item,
-        whether the segment is there to be written (False: record gone or no memory)."""
-        with self._lock:
-            out = []
-            for rid, nbytes in items:
-                rec = self._records.get(rid)
-                if rec is None or self._closed:
-                    out.append(False)
-                    continue
-                if rec.embed_nbytes and rec.embed_nbytes != nbytes:
-                    raise ValueError(f"record {rid}: embedding of {nbytes} bytes, segment has {rec.embed_nbytes}")
-                if not rec.embed_nbytes:
-                    try:
-                        shm.create(shm.embed_name(self.prefix, rid), nbytes)
-                    except OSError:
-                        logger.exception("cache manager: cannot create the embedding segment of record %d", rid)
-                        out.append(False)
-                        continue
-                    rec.embed_nbytes = nbytes
-                out.append(True)
-            return out
-
-    def set_embeds(self, record_ids: Sequence[int]) -> list[bool]:
-        """One encoded batch: these embeddings are written. Per id, False if the record is gone
-        (its request was aborted and the record evicted meanwhile)."""
-        with self._lock:
-            out = []
-            for rid in record_ids:
-                rec = self._records.get(rid)
-                ok = rec is not None and rec.embed_nbytes > 0
-                if ok:
-                    rec.embed_ready = True
-                    self.images_encoded += 1
-                out.append(ok)
-            self.encode_batches += 1
-            return out
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "capacity": self.capacity,
-                "records": len(self._records),
-                "referenced": len(self._records) - len(self._idle),
-                "evictions": self.evictions,
-                "images_encoded": self.images_encoded,
-                "encode_batches": self.encode_batches,
-            }
-
-    def close(self) -> int:
-        """Unlink every segment of this instance (also any a crash left unregistered)."""
-        with self._lock:
-            self._closed = True
-            self._records.clear()
-            self._by_md5.clear()
-            self._idle.clear()
-            return shm.unlink_all(self.prefix)
-
-    # ---- internals -------------------------------------------------------------------------
-    def _create(self, md5: str, nbytes: int, token_num: int) -> Record:
-        rec = Record(next(self._ids), md5, nbytes, token_num)
-        shm.create(shm.data_name(self.prefix, rec.record_id), nbytes)
-        self._records[rec.record_id] = rec
-        self._by_md5[md5] = rec.record_id
-        return rec
-
-    def _drop(self, record_id: int) -> None:
-        rec = self._records.pop(record_id)
-        self._idle.pop(record_id, None)
-        del self._by_md5[rec.md5]
-        shm.unlink(shm.data_name(self.prefix, record_id))
-        shm.unlink(shm.embed_name(self.prefix, record_id))
-
-
-def _ints(values: Sequence) -> tuple[int, ...]:
-    if not all(isinstance(v, int) for v in values):
-        raise TypeError("record ids must be integers")
-    return tuple(values)
+                refs = cache.alloc(images)
+            except NeverFits as exc:
+                return AllocReply("too_many", why=str(exc))
+            return AllocReply("full") if refs is None else AllocReply("ok", refs)
+        case Release(record_ids=ids):
+            cache.release(ids)
+            return Done()
+        case SetData(record_ids=ids):
+            return Flags(cache.set_data(ids))
+        case Status(record_ids=ids):
+            return Statuses(cache.status(ids))
+        case AllocEmbeds(slots=slots):
+            return Flags(cache.alloc_embeds(slots))
+        case SetEmbeds(record_ids=ids):
+            return Flags(cache.set_embeds(ids))
+        case GetStats():
+            return cache.stats()
+    raise TypeError(f"the cache manager has no handler for {type(req).__name__}")
 
 
 class CacheManagerService(rpyc.Service):
-    """`ImageCache` over rpyc. Arguments and results are tuples of plain values (brine copies
-    them; no netrefs, no pickle); stats travel as JSON."""
+    """`ImageCache` over rpyc: one exposed method, taking an encoded `CacheRequest` and returning
+    the encoded reply. Only bytes cross (brine copies them: no netrefs, no pickle), and the
+    request is decoded against the protocol's union before anything runs."""
 
     def __init__(self, cache: ImageCache):
         super().__init__()
         self.cache = cache
 
-    def exposed_alloc(self, items: tuple) -> tuple[str, object]:
-        """("ok", ((record_id, data_ready), ...)), ("full", "") or ("too_many", why): expected
-        outcomes are values, not remote exceptions."""
-        checked = [(str(md5), int(nbytes), int(tokens)) for md5, nbytes, tokens in items]
-        try:
-            out = self.cache.alloc(checked)
-        except NeverFits as exc:
-            return "too_many", str(exc)
-        return ("full", "") if out is None else ("ok", tuple(out))
-
-    def exposed_release(self, record_ids: tuple) -> None:
-        self.cache.release(_ints(record_ids))
-
-    def exposed_set_data(self, record_id: int) -> bool:
-        return self.cache.set_data(int(record_id))
-
-    def exposed_status(self, record_ids: tuple) -> tuple:
-        return tuple(self.cache.status(_ints(record_ids)))
-
-    def exposed_alloc_embeds(self, items: tuple) -> tuple:
-        return tuple(self.cache.alloc_embeds([(int(rid), int(nbytes)) for rid, nbytes in items]))
-
-    def exposed_set_embeds(self, record_ids: tuple) -> tuple:
-        return tuple(self.cache.set_embeds(_ints(record_ids)))
-
-    def exposed_stats(self) -> str:
-        return json.dumps(self.cache.stats())
+    def exposed_call(self, payload: bytes) -> bytes:
+        return serde.dumps(handle(self.cache, CACHE_IN.decode(payload)))
 
 
 def _sigterm_when_parent_dies() -> None:

@@ -1,4 +1,9 @@
-"""The detokenization process: token ids from the router -> text deltas for the httpserver."""
+"""The detokenization process: token ids from the router -> text deltas for the httpserver.
+
+Stop strings are matched here, on text; a request that meets one is aborted in the router
+from here too (an `AbortReq` on the router's inbox), so its KV is freed without a detour
+through the httpserver.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ import zmq
 from transformers import AutoTokenizer
 
 from lightserve.detokenization.incremental import IncrementalDetokenizer
-from lightserve.io_struct import AbortReq, BatchTextOut, BatchTokenOut, FinishReason, GenerateReq, TextOut, TokenOut
+from lightserve.io_struct import AbortReq, BatchTextOut, FinishReason, GenerateReq, TextOut, TokenOut
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
+from lightserve.utils.inbox import drain
 from lightserve.utils.process import run_child
 from lightserve.utils.run_paths import RunPaths
 
@@ -59,21 +65,24 @@ class DetokenizationManager:
         self.inbox.bind(paths.detok_in)
         self.to_http = ctx.socket(zmq.PUSH)
         self.to_http.connect(paths.http_in)
+        # Only this process sees stop strings: it tells the router itself, which frees the
+        # request's KV at its next step.
+        self.to_router = ctx.socket(zmq.PUSH)
+        self.to_router.connect(paths.router_in)
         self.requests: dict[int, TextAssembler] = {}
 
     def loop(self) -> None:
         while True:
-            msg = serde.loads(self.inbox.recv())
-            if isinstance(msg, GenerateReq):
-                self.requests[msg.req_id] = TextAssembler(self.tokenizer, msg)
-            elif isinstance(msg, AbortReq):
-                self.requests.pop(msg.req_id, None)
-            elif isinstance(msg, BatchTokenOut):
-                texts = self.handle(msg.outs)
-                if texts:
-                    self.to_http.send(serde.dumps(BatchTextOut(texts)))
+            for msg in drain(self.inbox, serde.DETOK_IN, block=True):
+                if isinstance(msg, GenerateReq):
+                    self.requests[msg.req_id] = TextAssembler(self.tokenizer, msg)
+                elif isinstance(msg, AbortReq):
+                    self.requests.pop(msg.req_id, None)
+                else:  # BatchTokenOut
+                    self.handle(msg.outs)
 
-    def handle(self, outs: list[TokenOut]) -> list[TextOut]:
+    def handle(self, outs: list[TokenOut]) -> None:
+        """Text for the httpserver; a request that met a stop string is aborted in the router."""
         texts = []
         for out in outs:
             assembler = self.requests.get(out.req_id)
@@ -82,8 +91,11 @@ class DetokenizationManager:
             text = assembler.apply(out)
             if text.finish_reason is not None:
                 del self.requests[out.req_id]
+            if text.finish_reason is FinishReason.STOP:
+                self.to_router.send(serde.dumps(AbortReq(out.req_id)))
             texts.append(text)
-        return texts
+        if texts:
+            self.to_http.send(serde.dumps(BatchTextOut(texts)))
 
 
 def start_detokenization_process(args: ServerArgs, paths: RunPaths, tokenizer_dir: str, pipe: Connection) -> None:

@@ -34,7 +34,8 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from lightserve.cache_manager.client import CacheClient
-from lightserve.cache_manager.manager import NeverFits
+from lightserve.cache_manager.image_cache import NeverFits
+from lightserve.cache_manager.protocol import CacheStats, ImageSpec, RecordRef
 from lightserve.httpserver.errors import ApiError, validation_error
 from lightserve.io_struct import ImageItem
 from lightserve.server_args import ServerArgs
@@ -206,7 +207,7 @@ class ImageIntake:
         self._pool.shutdown(wait=True)
         self.cache.close()
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> CacheStats:
         """The cache manager's counters (records, evictions, images encoded)."""
         return await self._run(self.cache.stats)
 
@@ -238,7 +239,7 @@ class ImageIntake:
         """Reference the images' records (bytes in shared memory); 429 if the cache stays full
         for `wait_s`, 422 if the request has more images than the cache holds. Pair with
         `release`; a cancelled call holds nothing."""
-        items = [(img.md5, len(img.data), img.token_num) for img in prepared.images]
+        items = [ImageSpec(img.md5, len(img.data), img.token_num) for img in prepared.images]
         deadline = time.monotonic() + self.wait_s
         while True:
             records = await self._alloc(items)
@@ -247,17 +248,18 @@ class ImageIntake:
             if time.monotonic() >= deadline:
                 raise ApiError(429, "every image cache record is in use by running requests; retry later", OVERLOADED)
             await asyncio.sleep(ALLOC_RETRY_S)
-        taken = [rid for rid, _ in records]
+        taken = [ref.record_id for ref in records]
         try:
-            for img, (rid, data_ready) in zip(prepared.images, records):
-                if not data_ready:
-                    await self._run(self.cache.put_data, rid, img.data)
+            for img, ref in zip(prepared.images, records):
+                if not ref.data_ready:
+                    await self._run(self.cache.put_data, ref.record_id, img.data)
         except BaseException:
             self._release_ids(taken)
             raise
-        return [ImageItem(img.md5, rid, img.token_start, img.token_num) for img, (rid, _) in zip(prepared.images, records)]
+        return [ImageItem(img.md5, ref.record_id, img.token_start, img.token_num)
+                for img, ref in zip(prepared.images, records)]
 
-    async def _alloc(self, items) -> Optional[list[tuple[int, bool]]]:
+    async def _alloc(self, items: list[ImageSpec]) -> Optional[list[RecordRef]]:
         future = self._pool.submit(self.cache.alloc, items)
         try:
             return await asyncio.wrap_future(future)
@@ -270,7 +272,7 @@ class ImageIntake:
 
     def _release_taken(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None and future.result() is not None:
-            self._release_ids([rid for rid, _ in future.result()])
+            self._release_ids([ref.record_id for ref in future.result()])
 
     def release(self, images: list[ImageItem]) -> None:
         """Drop a finished request's references (never blocks the caller)."""

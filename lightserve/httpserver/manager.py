@@ -33,10 +33,11 @@ from typing import Callable, Optional, TypeVar, Union
 import zmq
 import zmq.asyncio
 
+from lightserve.cache_manager.protocol import CacheStats
 from lightserve.httpserver.images import ImageIntake, PreparedImages
 from lightserve.httpserver.metrics import RequestRecord, ServerMetrics
 from lightserve.io_struct import (
-    AbortReq, BatchTextOut, FinishReason, GenerateReq, ImageItem, RouterStats, SamplingParams, TextOut,
+    AbortReq, FinishReason, GenerateReq, ImageItem, RouterStats, SamplingParams, TextOut,
 )
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
@@ -261,7 +262,7 @@ class HttpServerManager:
         if req.images and self._failure is None:
             self.images.release(req.images)
 
-    async def image_cache_stats(self) -> Optional[dict[str, int]]:
+    async def image_cache_stats(self) -> Optional[CacheStats]:
         """The cache manager's figures (multimodal servers), None otherwise."""
         if self.images is None:
             return None
@@ -316,23 +317,17 @@ class HttpServerManager:
         while True:
             data = await self._from_detok.recv()
             try:
-                batch = serde.loads(data)
-                if isinstance(batch, RouterStats):
-                    self.metrics.update_router(batch)
-                    continue
-                if not isinstance(batch, BatchTextOut):
-                    raise TypeError(f"expected BatchTextOut, got {type(batch).__name__}")
-            except Exception:  # one bad message must not stop the outputs of every request
-                logger.exception("httpserver: dropping a malformed message")
+                batch = serde.HTTP_IN.decode(data)
+            except serde.MessageError as exc:  # one bad message must not stop the outputs of every request
+                logger.error("httpserver: dropping a message: %s", exc)
+                continue
+            if isinstance(batch, RouterStats):
+                self.metrics.update_router(batch)
                 continue
             for out in batch.outs:
                 self._dispatch(out)
 
     def _dispatch(self, out: TextOut) -> None:
-        if out.finish_reason is FinishReason.STOP:
-            # Only the detokenizer sees stop strings; the router still counts the request as
-            # running until told, so free its KV now.
-            self._outbox.put_nowait((self._to_router, AbortReq(out.req_id)))
         stream = self._streams.get(out.req_id)
         if stream is not None:  # else: aborted already, the output is late
             stream._deliver(out)

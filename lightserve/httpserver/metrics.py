@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from lightserve.cache_manager.protocol import CacheStats
 from lightserve.io_struct import FinishReason, RouterStats, TextOut
 
 # No `*_created` series (the time each metric was made): they double the output and no dashboard
@@ -48,10 +49,10 @@ class ImageCacheCollector:
     """
 
     def __init__(self) -> None:
-        self.stats: dict[str, int] = {}
+        self.stats = CacheStats(capacity=0, records=0, referenced=0, evictions=0, images_encoded=0, encode_batches=0)
 
-    def update(self, stats: dict[str, int]) -> None:
-        self.stats = dict(stats)
+    def update(self, stats: CacheStats) -> None:
+        self.stats = stats
 
     def describe(self) -> Iterator[Metric]:
         return self._families()
@@ -62,15 +63,15 @@ class ImageCacheCollector:
     def _families(self) -> Iterator[Metric]:
         s = self.stats
         yield CounterMetricFamily("lightserve_images_encoded", "Images encoded by the visual server (an image "
-                                  "already in the cache is not encoded again)", value=s.get("images_encoded", 0))
+                                  "already in the cache is not encoded again)", value=s.images_encoded)
         yield CounterMetricFamily("lightserve_image_encode_batches", "Batches the visual server encoded",
-                                  value=s.get("encode_batches", 0))
+                                  value=s.encode_batches)
         yield CounterMetricFamily("lightserve_image_cache_evictions", "Image records evicted to make room",
-                                  value=s.get("evictions", 0))
+                                  value=s.evictions)
         yield GaugeMetricFamily("lightserve_image_cache_records", "Image records in the cache",
-                                value=s.get("records", 0))
+                                value=s.records)
         yield GaugeMetricFamily("lightserve_image_cache_capacity", "Image records the cache may hold (--cache_capacity)",
-                                value=s.get("capacity", 0))
+                                value=s.capacity)
 
 
 class ServerMetrics:

@@ -12,9 +12,10 @@ Beyond OpenAI, `top_k`, `repetition_penalty` and `ignore_eos` are accepted (as v
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from lightserve.httpserver.errors import validation_error
@@ -315,6 +316,6 @@ def openai_sampling(
         logprobs=logprobs,
     )
     return [
-        finalize_sampling(replace(base, stop=list(base.stop), seed=None if req.seed is None else derive_seed(req.seed, i)))
+        finalize_sampling(msgspec.structs.replace(base, stop=list(base.stop), seed=None if req.seed is None else derive_seed(req.seed, i)))
         for i in range(req.choices_per_prompt)
     ]

@@ -111,7 +111,7 @@ class RouterManager:
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""
-        for msg in drain(self.inbox, block):
+        for msg in drain(self.inbox, serde.ROUTER_IN, block):
             self._unpublished = True
             if isinstance(msg, GenerateReq):
                 self.add_request(msg)

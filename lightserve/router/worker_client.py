@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-import msgspec
 import rpyc
 
 from lightserve.io_struct import RankCall, Shutdown, StepPlan, StepResult
+from lightserve.utils import serde
 from lightserve.utils.rpc import RPYC_CONFIG
 from lightserve.utils.run_paths import RunPaths
 
@@ -20,8 +20,10 @@ from lightserve.utils.run_paths import RunPaths
 class WorkerGroup:
     def __init__(self, paths: RunPaths, ranks: range, connect_timeout_s: float = 60.0):
         self.conns = [self._connect(paths.worker_socket(rank), connect_timeout_s) for rank in ranks]
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(StepResult)
+        # Fetched once: `conn.root.call(...)` would cost a round trip to look the method up on
+        # every call before the call itself.
+        self._calls = [c.root.call for c in self.conns]
+        self._async_calls = [rpyc.async_(call) for call in self._calls]
 
     @staticmethod
     def _connect(socket_path: str, timeout_s: float) -> rpyc.Connection:
@@ -35,14 +37,14 @@ class WorkerGroup:
                 time.sleep(0.05)
 
     def _call_all(self, call: RankCall) -> bytes:
-        payload = self._encoder.encode(call)
-        if len(self.conns) == 1:
-            return self.conns[0].root.call(payload)
-        pending = [rpyc.async_(c.root.call)(payload) for c in self.conns]
+        payload = serde.dumps(call)
+        if len(self._calls) == 1:
+            return self._calls[0](payload)
+        pending = [call_async(payload) for call_async in self._async_calls]
         return [p.value for p in pending][0]  # .value waits and re-raises a rank's error
 
     def step(self, plan: StepPlan) -> StepResult:
-        return self._decoder.decode(self._call_all(plan))
+        return serde.RANK_REPLY.decode(self._call_all(plan))
 
     def close(self) -> None:
         """Tell the ranks (and through rank 0 the other nodes) to stop, then hang up."""

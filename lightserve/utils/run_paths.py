@@ -25,22 +25,25 @@ class RunPaths:
 
     @property
     def router_in(self) -> str:
-        """httpserver / visual -> router: GenerateReq, AbortReq."""
+        """httpserver / visual -> router: GenerateReq, AbortReq; detokenization -> router:
+        AbortReq of a request that met a stop string (`serde.ROUTER_IN`)."""
         return self._ipc("router")
 
     @property
     def visual_in(self) -> str:
-        """httpserver -> visual: GenerateReq with images, AbortReq."""
+        """httpserver -> visual: GenerateReq with images, AbortReq (`serde.VISUAL_IN`)."""
         return self._ipc("visual")
 
     @property
     def detok_in(self) -> str:
-        """router -> detokenization: BatchTokenOut (and registration of new requests)."""
+        """router (and visual) -> detokenization: GenerateReq (registration), AbortReq,
+        BatchTokenOut (`serde.DETOK_IN`)."""
         return self._ipc("detok")
 
     @property
     def http_in(self) -> str:
-        """detokenization -> httpserver: BatchTextOut."""
+        """detokenization -> httpserver: BatchTextOut; router -> httpserver: RouterStats
+        (`serde.HTTP_IN`)."""
         return self._ipc("http")
 
     def worker_socket(self, rank: int) -> str:

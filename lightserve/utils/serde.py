@@ -1,61 +1,61 @@
 """Encoding of `io_struct` messages for the sockets between processes.
 
-JSON with a type tag per dataclass, decoded only into the known message classes: nothing
-received can construct arbitrary objects (no pickle), so the same encoding is safe on the
-rpyc links that may cross machines in multi-node runs.
+Messages travel as msgpack (`msgspec`). Each zmq inbox has one `SocketDecoder` that accepts
+exactly the kinds that socket carries, told apart by their tag: anything else (another kind,
+a missing or mistyped field, bytes that are not msgpack) raises `MessageError` naming the
+socket, and nothing received can construct any object but those messages (no pickle).
+
+The backend link (one `StepPlan` or `Shutdown` per call, one `StepResult` back) is decoded the
+same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import json
-from typing import Any
+from typing import Any, Generic, TypeVar, Union
 
-from lightserve import io_struct
+import msgspec
 
-_DATACLASSES = {
-    cls.__name__: cls
-    for cls in vars(io_struct).values()
-    if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == io_struct.__name__
-}
-_ENUMS = {
-    cls.__name__: cls
-    for cls in vars(io_struct).values()
-    if isinstance(cls, type) and issubclass(cls, enum.Enum) and cls.__module__ == io_struct.__name__
-}
+from lightserve.io_struct import (
+    AbortReq, BatchTextOut, BatchTokenOut, GenerateReq, RouterStats, Shutdown, StepPlan, StepResult,
+)
+
+M = TypeVar("M")
+
+_encoder = msgspec.msgpack.Encoder()
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, enum.Enum):
-        return {"__e": type(obj).__name__, "v": obj.value}
-    if dataclasses.is_dataclass(obj):
-        out = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        out["__t"] = type(obj).__name__
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_plain(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _revive(d: dict) -> Any:
-    if "__t" in d:
-        name = d.pop("__t")
-        if name not in _DATACLASSES:
-            raise ValueError(f"unknown message type {name!r}")
-        return _DATACLASSES[name](**d)
-    if "__e" in d:
-        if d["__e"] not in _ENUMS:
-            raise ValueError(f"unknown enum {d['__e']!r}")
-        return _ENUMS[d["__e"]](d["v"])
-    return d
+class MessageError(ValueError):
+    """Bytes received on a socket that are not one of the messages it carries."""
 
 
 def dumps(msg: Any) -> bytes:
-    return json.dumps(_plain(msg), separators=(",", ":")).encode()
+    return _encoder.encode(msg)
 
 
-def loads(data: bytes) -> Any:
-    return json.loads(data, object_hook=_revive)
+class SocketDecoder(Generic[M]):
+    """Decodes what one socket carries: one of `kinds`, chosen by tag, checked field by field."""
+
+    def __init__(self, socket: str, *kinds: type) -> None:
+        self.socket = socket
+        self.kinds = kinds
+        self._expected = " | ".join(k.__name__ for k in kinds)
+        self._decoder = msgspec.msgpack.Decoder(Union[kinds])  # a one-kind Union is that kind
+
+    def decode(self, data: bytes) -> M:
+        try:
+            return self._decoder.decode(data)
+        except msgspec.DecodeError as exc:  # ValidationError too
+            raise MessageError(f"{self.socket}: not a {self._expected} message: {exc}") from None
+
+
+# One decoder per inbox (addresses in `utils/run_paths.py`).
+ROUTER_IN: SocketDecoder[Union[GenerateReq, AbortReq]] = SocketDecoder("router inbox", GenerateReq, AbortReq)
+VISUAL_IN: SocketDecoder[Union[GenerateReq, AbortReq]] = SocketDecoder("visual inbox", GenerateReq, AbortReq)
+DETOK_IN: SocketDecoder[Union[GenerateReq, AbortReq, BatchTokenOut]] = SocketDecoder(
+    "detokenizer inbox", GenerateReq, AbortReq, BatchTokenOut)
+HTTP_IN: SocketDecoder[Union[BatchTextOut, RouterStats]] = SocketDecoder("httpserver inbox", BatchTextOut, RouterStats)
+
+
+# The backend link (router -> ranks, rank 0 -> other nodes' ranks, and the ranks' replies).
+RANK_IN: SocketDecoder[Union[StepPlan, Shutdown]] = SocketDecoder("backend rank", StepPlan, Shutdown)
+RANK_REPLY: SocketDecoder[StepResult] = SocketDecoder("backend rank reply", StepResult)

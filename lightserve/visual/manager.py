@@ -6,7 +6,7 @@ which of the waiting requests' images lack embeddings; encode up to
 share it, in arrival order); store the embeddings in shared memory; forward every request
 whose images are all encoded. A request whose image cannot be read or encoded ends with an
 error sent to the detokenizer (as the router does for refusals); the server keeps serving
-everyone else. Images encoded are counted by the cache manager (`stats()["images_encoded"]`,
+everyone else. Images encoded are counted by the cache manager (`stats().images_encoded`,
 one per stored embedding), which every process of the instance can query.
 
 Aborts: a request still waiting here is dropped. An abort for a request already forwarded is
@@ -28,7 +28,7 @@ import zmq
 
 from lightserve.backend.device import resolve_device, resolve_dtype
 from lightserve.cache_manager.client import CacheClient
-from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, TokenOut
+from lightserve.io_struct import BatchTokenOut, FinishReason, GenerateReq, TokenOut
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.inbox import drain
@@ -62,24 +62,20 @@ class VisualManager:
                 self.step()
 
     def receive(self, block: bool) -> None:
-        for msg in drain(self.inbox, block):
+        for msg in drain(self.inbox, serde.VISUAL_IN, block):
             if isinstance(msg, GenerateReq):
                 self.pending[msg.req_id] = msg
-            elif isinstance(msg, AbortReq):
-                if self.pending.pop(msg.req_id, None) is None:
-                    self.to_router.send(serde.dumps(msg))
-            else:
-                logger.error("visual: unexpected message %r", type(msg).__name__)
+            elif self.pending.pop(msg.req_id, None) is None:  # an AbortReq for a forwarded request
+                self.to_router.send(serde.dumps(msg))
 
     def step(self) -> None:
         """Fail the broken requests, encode one batch, forward the requests that are ready."""
         ids = list(dict.fromkeys(img.record_id for req in self.pending.values() for img in req.images))
         status = dict(zip(ids, self.cache.status(ids)))
-        ready = {rid for rid, (_, _, embed_ready, _) in status.items() if embed_ready}
+        ready = {rid for rid, s in status.items() if s.embed_ready}
         batch: list[int] = []
         for req in list(self.pending.values()):
-            states = [status[img.record_id] for img in req.images]
-            if not all(exists and data_ready for exists, data_ready, _, _ in states):
+            if not all(status[img.record_id].exists and status[img.record_id].data_ready for img in req.images):
                 self.fail(req, "an image of this request is no longer in the image cache")
                 continue
             for img in req.images:
