@@ -115,11 +115,9 @@ class RouterManager:
             self._unpublished = True
             if isinstance(msg, GenerateReq):
                 self.add_request(msg)
-            elif isinstance(msg, AbortReq):
+            else:  # AbortReq: the client left, or the detokenizer found a stop string
                 self.scheduler.abort(msg.req_id)
                 self.to_detok.send(serde.dumps(msg))
-            else:
-                logger.error("router: unexpected message %r", type(msg).__name__)
 
     def add_request(self, req: GenerateReq) -> None:
         # The detokenizer learns the request (stop strings, prompt) before any of its tokens.
