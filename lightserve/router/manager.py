@@ -8,7 +8,7 @@ from multiprocessing.connection import Connection
 
 import zmq
 
-from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
+from lightserve.io_struct import BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
 from lightserve.router.scheduler import Scheduler
 from lightserve.router.stats_log import StatsLog
 from lightserve.router.worker_client import WorkerGroup

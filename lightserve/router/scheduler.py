@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 from lightserve.io_struct import Chunk, GenerateReq, StepPlan, StepResult, TokenOut
 from lightserve.router.req_queue import ReqQueue, RunningReqInfo
