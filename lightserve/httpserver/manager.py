@@ -30,6 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, TypeVar, Union
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -309,7 +310,16 @@ class HttpServerManager:
         while True:
             sock, msg = await self._outbox.get()
             try:
-                await sock.send(serde.dumps(msg))
+                data = serde.dumps(msg)
+            except (msgspec.EncodeError, OverflowError, TypeError) as exc:
+                # A value the wire cannot carry fails its own request; the loop (every other
+                # request's only way out) must go on.
+                logger.error("httpserver: cannot encode %s: %s", type(msg).__name__, exc)
+                if isinstance(msg, GenerateReq):
+                    self._dispatch(_error_out(msg.req_id, "the request could not be sent to the router"))
+                continue
+            try:
+                await sock.send(data)
             except zmq.ZMQError:
                 logger.exception("httpserver: could not send %s", type(msg).__name__)
 

@@ -145,6 +145,10 @@ def resolve_max_new_tokens(
     return requested
 
 
+# No vocabulary is this large: a top_k above it is "no cut".
+TOP_K_NO_CUT = 2**31 - 1
+
+
 def finalize_sampling(sampling: SamplingParams) -> SamplingParams:
     """Run the message's own range checks and draw a seed for sampled requests without one.
 
@@ -158,6 +162,9 @@ def finalize_sampling(sampling: SamplingParams) -> SamplingParams:
         # The message starts with the field name in backticks: "`top_p` must be in (0, 1]".
         param = message.split("`")[1] if message.startswith("`") else None
         raise validation_error(message, param) from None
+    if sampling.top_k > TOP_K_NO_CUT:
+        # A cut beyond any vocabulary cuts nothing; and msgpack carries integers of 64 bits at most.
+        sampling.top_k = -1
     if not sampling.is_greedy and sampling.seed is None:
         sampling.seed = secrets.randbits(63)
     return sampling
