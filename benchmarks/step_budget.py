@@ -33,7 +33,7 @@ def main() -> None:
     a = p.parse_args()
     chunks = [int(x) for x in a.chunks.split(",")]
     args = ServerArgs(data_type=a.data_type, max_total_token_num=a.batch * (a.context + 200) + 4 * max(chunks) * a.repeats,
-                      max_req_total_len=max(4096, max(chunks) * a.repeats + 16), running_max_req_size=a.batch + 64)
+                      max_req_total_len=max(4096, max(chunks) * (a.repeats + 1) + 200), running_max_req_size=a.batch + 64)
     engine = ModelEngine(args, str(a.model_dir or embedded_model_dir()))
     torch.manual_seed(0)
     vocab = engine.cfg.vocab_size
@@ -49,7 +49,7 @@ def main() -> None:
     next_id = a.batch
     for n in chunks:
         times = []
-        long = GenerateReq(next_id, torch.randint(3, vocab, (max(n, 1) * a.repeats + 1,)).tolist(), sp)
+        long = GenerateReq(next_id, torch.randint(3, vocab, (max(n, 1) * (a.repeats + 1) + 1,)).tolist(), sp)
         next_id += 1
         if n:
             engine.step(StepPlan(new_reqs=[long], chunks=[Chunk(long.req_id, n)], decode=True))

@@ -22,7 +22,7 @@ class ServerArgs:
     mem_fraction: float = field(default=0.3, metadata={"help": "share of free memory the KV pool may take when sizing it"})
     max_req_total_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens of one request"})
     batch_max_tokens: Optional[int] = field(default=None, metadata={"help": "max prompt tokens prefilled in one batch (default: max(max_req_total_len, 2048))"})
-    chunked_prefill_size: int = field(default=512, metadata={"help": "tokens one step computes, decode rows and prompt chunks together; 0: a prompt is prefilled whole, in a step of its own"})
+    chunked_prefill_size: int = field(default=256, metadata={"help": "tokens one step computes, decode rows and prompt chunks together; 0: a prompt is prefilled whole, in a step of its own"})
     running_max_req_size: int = field(default=256, metadata={"help": "max requests in the running batch"})
     max_waiting_reqs: int = field(default=1024, metadata={"help": "requests that may wait beyond the running batch; more get 429"})
     router_max_wait_tokens: int = field(default=6, metadata={"help": "decode steps between admissions while requests wait"})
