@@ -209,4 +209,3 @@ class StepResult(Message, tag=True):
     kv_total: int
     kv_free: int
     running_reqs: int  # requests in the rank's persistent batch after the step
-    step_s: float  # seconds the rank spent on the step

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +96,6 @@ class ModelEngine:
         A step that raises part-way leaves no state to trust: every request is dropped and all
         KV is freed before the error propagates (the router fails those requests).
         """
-        t0 = time.perf_counter()
         try:
             self.release(plan.release)
             refused = self.admit(plan.new_reqs)
@@ -105,8 +103,7 @@ class ModelEngine:
         except BaseException:
             self.release_all()
             raise
-        return StepResult(outs, self.mem.size, self.mem.can_use_mem_size, self.num_running,
-                          time.perf_counter() - t0)
+        return StepResult(outs, self.mem.size, self.mem.can_use_mem_size, self.num_running)
 
     @property
     def num_running(self) -> int:

@@ -1,4 +1,4 @@
-"""The Efficient Router admission policy (DESIGN.md §4).
+"""The Efficient Router admission policy (docs/architecture.md, "The router step").
 
 A waiting request joins the running batch only if the *peak* KV demand of the batch with it stays
 within the KV pool. The peak is computed from each request's tokens held now and an estimate of

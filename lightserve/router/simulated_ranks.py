@@ -82,4 +82,4 @@ class SimulatedRanks:
             if reason is not None:
                 del self.reqs[req_id]
             outs.append(TokenOut(req_id, 0, 0.0, reason))
-        return StepResult(outs, self.pool, self.pool - self.used, len(self.reqs), 0.0)
+        return StepResult(outs, self.pool, self.pool - self.used, len(self.reqs))
