@@ -14,11 +14,14 @@ import torch
 from transformers import AutoTokenizer
 
 from lightserve.benchmark.cli import main
-from lightserve.benchmark.client import LoadResult, RequestRecord, arrival_offsets, run_load
+from lightserve.benchmark.client import LoadResult, RequestRecord, arrival_offsets, run_conversations, run_load
 from lightserve.benchmark.hf_baseline import fifo_batches, left_pad, run_hf_baseline
-from lightserve.benchmark.report import write_json
+from lightserve.benchmark.report import workload_summary, write_json
 from lightserve.benchmark.stats import inter_token_latencies, percentile, summarize, tpot, ttft
-from lightserve.benchmark.workload import BenchRequest, LengthSpec, PromptBuilder, load_jsonl, synthetic_workload
+from lightserve.benchmark.workload import (
+    BenchRequest, Conversation, FollowUp, LengthSpec, PromptBuilder, WorkloadShape, conversation_workload, load_jsonl,
+    next_turn_prompt, prompt_lengths, synthetic_workload,
+)
 from tests.server_harness import ServerProcess
 
 
@@ -78,6 +81,13 @@ def test_prompt_length_counts_the_tokens_the_tokenizer_adds(smollm2_dir):
         assert len(tok.encode(text)) == length and ids[0] == 1
     with pytest.raises(ValueError):
         builder.build(1, rng)
+    # A shared prefix of 10 tokens holds the BOS and 9 words; the prompts on it start with all 10.
+    _, prefix = builder.build(10, rng)
+    for length in (11, 40):
+        text, ids = builder.build(length, rng, prefix)
+        assert tok.encode(text) == ids and len(ids) == length and ids[:10] == prefix
+    with pytest.raises(ValueError):
+        builder.build(10, rng, prefix)  # no room after the prefix
 
 
 def test_prompt_lengths_repaired_when_words_merge(tokenizer):
@@ -93,6 +103,70 @@ def test_prompt_lengths_repaired_when_words_merge(tokenizer):
     for length in (5, 100, 300):
         text, ids = builder.build(length, rng)
         assert tokenizer.encode(text) == ids and len(ids) == length
+    # On a shared prefix, a first word that glues onto the prefix's last one is drawn again.
+    _, prefix = builder.build(50, rng)
+    for length in (51, 120, 300):
+        text, ids = builder.build(length, rng, prefix)
+        assert tokenizer.encode(text) == ids and len(ids) == length and ids[:50] == prefix
+
+
+def test_shared_prefix_groups(tokenizer):
+    make = lambda seed: synthetic_workload(tokenizer, 12, LengthSpec(5, 40), LengthSpec(2, 8), seed,
+                                           shared_prefix_len=64, shared_prefix_groups=3)
+    requests = make(4)
+    for i, req in enumerate(requests):
+        assert tokenizer.encode(req.prompt) == list(req.prompt_ids)  # what the server will see
+        assert req.prompt_ids[:64] == requests[i % 3].prompt_ids[:64]  # round-robin groups share 64 ids
+        assert 5 <= req.prompt_len - 64 <= 40 and 2 <= req.output_len <= 8
+    assert len({r.prompt_ids[:64] for r in requests}) == 3
+    assert all(r.prompt_ids[64:] != requests[0].prompt_ids[64:] for r in requests[1:])  # own suffixes
+    # The lengths come from the seed alone: the suffixes are as long as the prompts without a prefix.
+    plain = synthetic_workload(tokenizer, 12, LengthSpec(5, 40), LengthSpec(2, 8), 4)
+    assert [(r.prompt_len - 64, r.output_len) for r in requests] == [(r.prompt_len, r.output_len) for r in plain]
+    assert make(4) == requests and make(5) != requests
+
+
+def test_multi_turn_workload_and_next_prompts(tokenizer):
+    shape = WorkloadShape(shared_prefix_len=16, shared_prefix_groups=2, multi_turn=3)
+    make = lambda seed: conversation_workload(tokenizer, 3, LengthSpec(4, 12), LengthSpec(2, 6), seed, shape)
+    conversations = make(1)
+    assert make(1) == conversations and make(2) != conversations
+    assert [c.turns for c in conversations] == [3, 3, 3]
+    assert conversations[0].first.prompt_ids[:16] == conversations[2].first.prompt_ids[:16]
+    assert conversations[0].first.prompt_ids[:16] != conversations[1].first.prompt_ids[:16]
+    for c in conversations:
+        assert 16 + 4 <= c.first.prompt_len <= 16 + 12
+        for follow_up in c.follow_ups:  # a user message inside the prompt: no special tokens of its own
+            assert 4 <= len(tokenizer.encode(follow_up.user_message, add_special_tokens=False)) <= 12
+            assert 2 <= follow_up.output_len <= 6
+    # What the load generator does with the server's answers (here small made-up ones).
+    prompt, lengths = conversations[0].first.prompt, [conversations[0].first.prompt_len]
+    for answer, follow_up in zip([" the answer", "42."], conversations[0].follow_ups):
+        following = next_turn_prompt(prompt, answer, follow_up.user_message)
+        assert following.startswith(prompt + answer) and following.endswith(follow_up.user_message)
+        lengths += prompt_lengths(tokenizer, [following])
+        assert lengths[-1] == len(tokenizer.encode(following))
+        prompt = following
+    assert lengths == sorted(lengths) and len(set(lengths)) == 3
+
+
+def test_workload_summary_states_the_shape():
+    first = BenchRequest("x", (5, 6, 7), 4)
+    shape = WorkloadShape(shared_prefix_len=2, shared_prefix_groups=1, multi_turn=3)
+    chats = [Conversation(first, (FollowUp(" y", 5), FollowUp(" z", 6)))] * 2
+    w = workload_summary(chats, shape)
+    assert (w["num_requests"], w["conversations"], w["multi_turn"], w["shared_prefix_len"]) == (6, 2, 3, 2)
+    assert w["first_turn_prompt_len"]["max"] == 3 and w["total_output_tokens"] == 2 * (4 + 5 + 6)
+    assert "total_prompt_tokens" not in w  # later prompts hold the server's answers: unknown before the run
+    single = workload_summary([Conversation(first)], WorkloadShape())
+    assert (single["num_requests"], single["total_prompt_tokens"], single["multi_turn"]) == (1, 3, 0)
+
+
+@pytest.mark.parametrize("flags", [["--multi-turn", "3", "--num-requests", "4"], ["--shared-prefix-groups", "2"],
+                                   ["--multi-turn", "2", "--hf-baseline", "m"], ["--shared-prefix-len", "-1"]])
+def test_cli_rejects_inconsistent_workload_flags(flags):
+    with pytest.raises(SystemExit):
+        main(["--tokenizer", "unused", *flags])
 
 
 def test_load_jsonl(tmp_path, tokenizer):
@@ -178,8 +252,8 @@ def test_json_has_no_nan(tmp_path):
     # One-token outputs have no TPOT/ITL: the JSON must still be strict JSON.
     records = [_record(0, 0.0, [0.3], 0.4)]
     s = summarize(LoadResult(2.0, 4, records, 0.0, 1.0))
-    reqs = [BenchRequest("x", (5,), 1)]
-    write_json(tmp_path / "r.json", {"seed": 0}, reqs, [s], None)
+    workload = workload_summary([Conversation(BenchRequest("x", (5,), 1))], WorkloadShape())
+    write_json(tmp_path / "r.json", {"seed": 0}, workload, [s], None)
     data = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert data["runs"][0]["tpot_ms"]["p50"] is None and data["runs"][0]["output_throughput"] == 1.0
 
@@ -237,11 +311,36 @@ def test_client_and_cli_against_the_server(tiny_served_model, tmp_path):
         s = summarize(result)
         assert s.completed == 8 and s.total_output_tokens == sum(r.output_len for r in requests)
 
+        # Two conversations of three turns on one shared prefix: each later prompt holds the answers.
+        chats = conversation_workload(tok, 2, LengthSpec(4, 8), LengthSpec(3, 5), seed=2,
+                                      shape=WorkloadShape(shared_prefix_len=24, multi_turn=3))
+        chat_result = asyncio.run(run_conversations(server.url, chats, tok, math.inf, max_concurrency=1, progress=False))
+        assert [r.index for r in chat_result.records] == list(range(6))
+        for turns in (chat_result.records[:3], chat_result.records[3:]):
+            assert all(r.ok and r.server_prompt_len == r.prompt_len for r in turns)
+            assert turns[0].prompt_len < turns[1].prompt_len < turns[2].prompt_len
+            assert turns[0].end <= turns[1].start and turns[1].end <= turns[2].start  # one after another
+        assert _max_overlap(chat_result.records) == 1  # the cap holds a conversation's slot through its turns
+
         out = tmp_path / "bench.json"
         rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "6",
                    "--prompt-len", "8:40", "--output-len", "3:6", "--request-rate", "50,inf", "--max-concurrency", "4",
                    "--no-progress", "--output-json", str(out)])
+        assert rc == 0
+        chat_out = tmp_path / "chat.json"
+        rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "4",
+                   "--multi-turn", "2", "--shared-prefix-len", "20", "--shared-prefix-groups", "2",
+                   "--prompt-len", "4:8", "--output-len", "2:4", "--max-concurrency", "2", "--no-progress",
+                   "--output-json", str(chat_out), "--output-png", str(tmp_path / "chat.png")])
     assert rc == 0
+    chat = json.loads(chat_out.read_text())
+    w = chat["workload"]
+    assert (w["num_requests"], w["conversations"], w["multi_turn"]) == (4, 2, 2)
+    assert (w["shared_prefix_len"], w["shared_prefix_groups"]) == (20, 2) and w["first_turn_prompt_len"]["min"] >= 24
+    run = chat["runs"][0]
+    assert run["completed"] == 4 and run["prompt_len_mismatches"] == 0
+    assert run["total_output_tokens"] == w["total_output_tokens"]
+    assert run["total_input_tokens"] > 2 * w["first_turn_prompt_len"]["mean"] * 2  # later turns are longer
     data = json.loads(out.read_text())
     assert [r["request_rate"] for r in data["runs"]] == [50.0, "inf"]
     for run in data["runs"]:

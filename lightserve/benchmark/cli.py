@@ -10,15 +10,19 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lightserve.benchmark.client import run_load, warm_up
+from lightserve.benchmark.client import run_conversations, warm_up
 from lightserve.benchmark.hf_baseline import DTYPES, HFResult, run_hf_baseline
 from lightserve.benchmark.launch import LaunchedServer
 from lightserve.benchmark.plot import write_plot
-from lightserve.benchmark.report import format_comparison, format_hf, format_run, workload_summary, write_json
+from lightserve.benchmark.report import (
+    format_comparison, format_hf, format_run, format_workload, workload_summary, write_json,
+)
 from lightserve.benchmark.stats import RunSummary, summarize
-from lightserve.benchmark.workload import BenchRequest, LengthSpec, load_jsonl, synthetic_workload
+from lightserve.benchmark.workload import (
+    Conversation, LengthSpec, WorkloadShape, conversation_workload, load_jsonl, warm_up_request,
+)
 
 _FROM_LAUNCH = "<the --launch model>"
 
@@ -29,6 +33,12 @@ examples:
       --num-requests 256 --prompt-len 32:512 --output-len 32:256 --max-concurrency 64 --hf-max-requests 128
   # a running server, several Poisson rates
   python -m lightserve.benchmark --url http://127.0.0.1:8000 --tokenizer MODEL_DIR --request-rate 1,2,4,inf
+  # for a prefix cache: 4 system prompts of 1024 tokens, each request's own 32-128 tokens after one
+  python -m lightserve.benchmark --url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
+      --shared-prefix-len 1024 --shared-prefix-groups 4 --prompt-len 32:128
+  # 64 chats of 4 turns (256 requests), 16 at a time, each turn's prompt = the previous prompt + answer + message
+  python -m lightserve.benchmark --url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
+      --multi-turn 4 --num-requests 256 --prompt-len 32:128 --max-concurrency 16
 """
 
 
@@ -51,16 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     work = p.add_argument_group("workload")
     work.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the --launch or --hf-baseline model)")
     work.add_argument("--dataset", default=None, help="JSONL of {\"prompt\", optional \"output_len\"} instead of synthetic prompts")
-    work.add_argument("--num-requests", type=int, default=256)
+    work.add_argument("--num-requests", type=int, default=256,
+                      help="requests in all (default 256); with --multi-turn T, the turns of all conversations: "
+                           "a multiple of T")
     work.add_argument("--prompt-len", type=LengthSpec.parse, default=LengthSpec(32, 512),
-                      help="N, LO:HI (uniform) or LO:HI:normal, in tokens incl. special tokens (default 32:512)")
+                      help="N, LO:HI (uniform) or LO:HI:normal, in tokens incl. special tokens (default 32:512); "
+                           "with a shared prefix, the suffix after it; with --multi-turn, each turn's user message")
     work.add_argument("--output-len", type=LengthSpec.parse, default=LengthSpec(32, 256),
                       help="same syntax; max_new_tokens of each request (default 32:256)")
     work.add_argument("--seed", type=int, default=0, help="seeds lengths, prompts and Poisson arrivals")
+    work.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                      help="every prompt starts with one of the shared prefixes of exactly N tokens (incl. special "
+                           "tokens), then its own --prompt-len suffix (default 0: none)")
+    work.add_argument("--shared-prefix-groups", type=int, default=1, metavar="G",
+                      help="number of distinct shared prefixes; request i (conversation i with --multi-turn) "
+                           "takes prefix i mod G (default 1)")
+    work.add_argument("--multi-turn", type=int, default=0, metavar="T",
+                      help="conversations of T turns: turn k's prompt is turn k-1's prompt + the server's answer + "
+                           "a new --prompt-len user message; a conversation's turns run one after another, "
+                           "conversations side by side (default 0: independent requests)")
     load = p.add_argument_group("load")
     load.add_argument("--request-rate", type=parse_rates, default=[math.inf],
-                      help="requests/s of a Poisson process, comma-separated for several runs (inf: all at once)")
-    load.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default: none)")
+                      help="requests/s of a Poisson process, comma-separated for several runs (inf: all at once); "
+                           "with --multi-turn, conversations/s")
+    load.add_argument("--max-concurrency", type=int, default=None,
+                      help="cap on requests in flight (default: none); with --multi-turn, on conversations in progress")
     load.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                       help="generate exactly the requested output lengths (default: on)")
     hf = p.add_argument_group("transformers baseline")
@@ -88,40 +113,62 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.tokenizer = args.tokenizer or args.launch or args.hf_baseline
     if not args.tokenizer:
         p.error("prompts are built with the model's tokenizer: give --tokenizer (or --launch / --hf-baseline)")
-    for name in ("num_requests", "max_concurrency", "hf_batch_size", "hf_max_requests"):
+    for name in ("num_requests", "max_concurrency", "hf_batch_size", "hf_max_requests", "shared_prefix_groups"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    _check_shape(p, args)
 
 
-def make_workload(args: argparse.Namespace) -> list[BenchRequest]:
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+def _check_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.shared_prefix_len < 0 or args.multi_turn < 0:
+        p.error("--shared-prefix-len and --multi-turn must be >= 0")
+    if args.shared_prefix_groups > 1 and not args.shared_prefix_len:
+        p.error("--shared-prefix-groups needs --shared-prefix-len")
+    if args.dataset and (args.shared_prefix_len or args.multi_turn):
+        p.error("--shared-prefix-len and --multi-turn shape synthetic prompts, not --dataset ones")
+    if args.multi_turn and args.num_requests % args.multi_turn:
+        p.error(f"--num-requests counts turns: make it a multiple of --multi-turn {args.multi_turn}")
+    if args.multi_turn > 1 and args.hf_baseline:
+        p.error("--hf-baseline cannot run --multi-turn: later prompts are made from the server's answers")
+
+
+def workload_shape(args: argparse.Namespace) -> WorkloadShape:
+    return WorkloadShape(args.shared_prefix_len, args.shared_prefix_groups, args.multi_turn)
+
+
+def make_workload(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> list[Conversation]:
+    """The workload as conversations (one turn each unless --multi-turn)."""
     if args.dataset:
-        return load_jsonl(args.dataset, tokenizer, args.output_len, args.seed, limit=args.num_requests)
-    return synthetic_workload(tokenizer, args.num_requests, args.prompt_len, args.output_len, args.seed)
+        return [Conversation(r) for r in load_jsonl(args.dataset, tokenizer, args.output_len, args.seed,
+                                                    limit=args.num_requests)]
+    shape = workload_shape(args)
+    return conversation_workload(tokenizer, args.num_requests // shape.turns, args.prompt_len, args.output_len,
+                                 args.seed, shape)
 
 
-def run_server_side(args: argparse.Namespace, requests: list[BenchRequest]) -> list[RunSummary]:
+def run_server_side(args: argparse.Namespace, workload: list[Conversation],
+                    tokenizer: PreTrainedTokenizerBase) -> list[RunSummary]:
     """Warm up once, then one pass of the workload per request rate."""
     launched = LaunchedServer(args.launch, args.dtype, shlex.split(args.server_args)) if args.launch else None
     with launched or nullcontext():
         url = launched.url if launched else (args.url or "http://127.0.0.1:8000").rstrip("/")
         if launched:
             print(f"server started at {url} (log: {launched.log_path})")
-        asyncio.run(warm_up(url, requests[0], args.ignore_eos))
+        asyncio.run(warm_up(url, warm_up_request(tokenizer, workload[0].first, args.seed), args.ignore_eos))
         summaries = []
         for rate in args.request_rate:
-            result = asyncio.run(run_load(url, requests, rate, args.max_concurrency, args.ignore_eos, args.seed,
-                                          progress=not args.no_progress))
+            result = asyncio.run(run_conversations(url, workload, tokenizer, rate, args.max_concurrency,
+                                                   args.ignore_eos, args.seed, progress=not args.no_progress))
             summaries.append(summarize(result))
             print(format_run(summaries[-1]), flush=True)
     return summaries
 
 
-def run_baseline(args: argparse.Namespace, requests: list[BenchRequest]) -> Optional[HFResult]:
+def run_baseline(args: argparse.Namespace, workload: list[Conversation]) -> Optional[HFResult]:
     if not args.hf_baseline:
         return None
     batch = args.hf_batch_size or args.max_concurrency or 64
-    hf = run_hf_baseline(args.hf_baseline, requests, batch, args.dtype, args.hf_max_requests,
+    hf = run_hf_baseline(args.hf_baseline, [c.first for c in workload], batch, args.dtype, args.hf_max_requests,
                          progress=not args.no_progress)
     print(format_hf(hf), flush=True)
     return hf
@@ -131,19 +178,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)
-    requests = make_workload(args)
-    w = workload_summary(requests)
-    print(f"workload: {w['num_requests']} requests, prompt tokens {w['prompt_len']['min']}-{w['prompt_len']['max']} "
-          f"(total {w['total_prompt_tokens']}), output tokens {w['output_len']['min']}-{w['output_len']['max']} "
-          f"(total {w['total_output_tokens']}), seed {args.seed}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    workload = make_workload(args, tokenizer)
+    summary = workload_summary(workload, workload_shape(args))
+    print(format_workload(summary, args.seed), flush=True)
     # The server is stopped (when launched here) before transformers runs: they never share the CPU.
-    runs = run_server_side(args, requests)
-    hf = run_baseline(args, requests)
+    runs = run_server_side(args, workload, tokenizer)
+    hf = run_baseline(args, workload)
     if hf:
         print(format_comparison(runs, hf))
     config = {k: (str(v) if isinstance(v, LengthSpec) else v) for k, v in vars(args).items()}
     config["request_rate"] = ["inf" if math.isinf(r) else r for r in args.request_rate]
-    write_json(args.output_json, config, requests, runs, hf)
+    write_json(args.output_json, config, summary, runs, hf)
     png = args.output_png or str(Path(args.output_json).with_suffix(".png"))
     why_not = write_plot(png, runs, hf)
     print(f"results: {args.output_json}" + (f", plot: {png}" if why_not is None else f" ({why_not})"))

@@ -1,7 +1,10 @@
 """The HTTP load generator: sends the workload to `POST /generate_stream` and timestamps every token.
 
 Requests arrive as a Poisson process at `request_rate` (all at once when the rate is infinite),
-optionally capped at `max_concurrency` requests in flight. Each token event's arrival time is
+optionally capped at `max_concurrency` requests in flight. A multi-turn workload is driven the same
+way with conversations in place of requests: each conversation's turns are sent one after another,
+the next as soon as the previous one has finished, its prompt carrying the previous answer (the
+`generated_text` of the stream's final event). Each token event's arrival time is
 recorded on the client side, which is what a user sees (network, HTTP and SSE framing included);
 latency statistics are derived from these timestamps in `stats.py`.
 """
@@ -15,12 +18,14 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from itertools import accumulate
+from typing import Optional, Sequence
 
 import httpx
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from lightserve.benchmark.workload import BenchRequest
+from lightserve.benchmark.workload import BenchRequest, Conversation, FollowUp, next_turn_prompt, prompt_lengths
 
 
 @dataclass
@@ -28,13 +33,14 @@ class RequestRecord:
     """What the client observed for one request (times from `time.perf_counter`, seconds)."""
 
     index: int
-    prompt_len: int
+    prompt_len: int  # tokens incl. special ones; for a later turn of a conversation, counted after the run
     output_len: int  # requested max_new_tokens
     start: float = 0.0
     token_times: list[float] = field(default_factory=list)  # one per token event, in order
     end: float = 0.0
     server_prompt_len: Optional[int] = None  # `details.input_length` of the last event
     finish_reason: Optional[str] = None
+    generated_text: Optional[str] = None  # of the final event: the answer that the next turn's prompt carries
     error: Optional[str] = None
 
     @property
@@ -76,19 +82,20 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
     return offsets
 
 
-def request_body(req: BenchRequest, ignore_eos: bool) -> dict:
+def request_body(prompt: str, output_len: int, ignore_eos: bool) -> dict:
     """Greedy decoding, as the transformers baseline does; `ignore_eos` pins the output length."""
-    return {"inputs": req.prompt,
-            "parameters": {"max_new_tokens": req.output_len, "ignore_eos": ignore_eos, "do_sample": False}}
+    return {"inputs": prompt,
+            "parameters": {"max_new_tokens": output_len, "ignore_eos": ignore_eos, "do_sample": False}}
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, index: int, req: BenchRequest,
+async def stream_one(client: httpx.AsyncClient, url: str, record: RequestRecord, prompt: str,
                      ignore_eos: bool) -> RequestRecord:
-    """Send one streaming request and timestamp each `data:` event as it is read."""
-    record = RequestRecord(index=index, prompt_len=req.prompt_len, output_len=req.output_len)
+    """Send `prompt` as a streaming request for `record` (index and lengths set) and timestamp each
+    `data:` event as it is read."""
     record.start = time.perf_counter()
     try:
-        async with client.stream("POST", url + "/generate_stream", json=request_body(req, ignore_eos)) as response:
+        body = request_body(prompt, record.output_len, ignore_eos)
+        async with client.stream("POST", url + "/generate_stream", json=body) as response:
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
                 return record
@@ -105,6 +112,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, index: int, req: Bench
                 if details:
                     record.finish_reason = details.get("finish_reason")
                     record.server_prompt_len = details.get("input_length")
+                    record.generated_text = event.get("generated_text")
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -114,12 +122,30 @@ async def stream_one(client: httpx.AsyncClient, url: str, index: int, req: Bench
     return record
 
 
-async def run_load(url: str, requests: list[BenchRequest], request_rate: float, max_concurrency: Optional[int],
+async def run_load(url: str, requests: Sequence[BenchRequest], request_rate: float, max_concurrency: Optional[int],
                    ignore_eos: bool = True, seed: int = 0, progress: bool = True) -> LoadResult:
-    """Drive the whole workload once against the server at `url` and return what was observed."""
-    offsets = arrival_offsets(len(requests), request_rate, seed)
+    """Drive a workload of independent requests once against the server at `url` and return what
+    was observed."""
+    return await run_conversations(url, [Conversation(r) for r in requests], None, request_rate, max_concurrency,
+                                   ignore_eos, seed, progress)
+
+
+async def run_conversations(url: str, conversations: Sequence[Conversation],
+                            tokenizer: Optional[PreTrainedTokenizerBase], request_rate: float,
+                            max_concurrency: Optional[int], ignore_eos: bool = True, seed: int = 0,
+                            progress: bool = True) -> LoadResult:
+    """Drive a workload of conversations once; their first turns arrive as the requests of
+    `run_load` do. A conversation holds its `max_concurrency` slot through all its turns, so the cap
+    bounds the conversations in progress (whose prefixes a cache has to keep) as well as the
+    requests in flight. Records are in workload order: conversation by conversation, turn by turn.
+    `tokenizer` counts the prompt tokens of later turns (not needed for one-turn conversations)."""
+    if tokenizer is None and any(c.follow_ups for c in conversations):
+        raise ValueError("multi-turn conversations need the tokenizer to count their prompt tokens")
+    offsets = arrival_offsets(len(conversations), request_rate, seed)
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    bar = tqdm(total=len(requests), desc=f"rate {request_rate:g} req/s", unit="req", disable=not progress)
+    total = sum(c.turns for c in conversations)
+    bar = tqdm(total=total, desc=f"rate {request_rate:g} req/s", unit="req", disable=not progress)
+    later_prompts: list[tuple[RequestRecord, str]] = []
     # No connection cap: the client must never queue requests itself, or TTFT would include
     # time spent waiting for a free connection in the client's pool.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -127,24 +153,60 @@ async def run_load(url: str, requests: list[BenchRequest], request_rate: float, 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         start = time.perf_counter()
 
-        async def one(index: int, req: BenchRequest) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + offsets[index] - time.perf_counter()))
+        async def one(number: int, first_index: int, conversation: Conversation) -> list[RequestRecord]:
+            await asyncio.sleep(max(0.0, start + offsets[number] - time.perf_counter()))
             async with gate or nullcontext():
-                record = await stream_one(client, url, index, req, ignore_eos)
-            bar.update(1)
-            return record
+                return await converse(client, url, first_index, conversation, ignore_eos, later_prompts, bar)
 
-        records = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+        first_indices = accumulate((c.turns for c in conversations), initial=0)
+        per_conversation = await asyncio.gather(*(one(n, i, c) for n, (i, c) in
+                                                  enumerate(zip(first_indices, conversations))))
         end = time.perf_counter()
     bar.close()
-    return LoadResult(request_rate, max_concurrency, list(records), start, end)
+    # Counted after the run: encoding a long prompt takes milliseconds of the client's CPU, which
+    # during the run would delay other streams' timestamps (and, on one machine, the server).
+    if later_prompts:
+        counts = prompt_lengths(tokenizer, [prompt for _, prompt in later_prompts])
+        for (record, _), count in zip(later_prompts, counts):
+            record.prompt_len = count
+    return LoadResult(request_rate, max_concurrency, [r for records in per_conversation for r in records], start, end)
+
+
+async def converse(client: httpx.AsyncClient, url: str, first_index: int, conversation: Conversation,
+                   ignore_eos: bool, later_prompts: list[tuple[RequestRecord, str]], bar: tqdm) -> list[RequestRecord]:
+    """The turns of one conversation, each sent when the previous one has finished. Later turns'
+    records go to `later_prompts` with their prompts, whose tokens are counted after the run. Once
+    a turn fails, the following ones cannot be made (no answer) and are recorded as failed."""
+    first = conversation.first
+    prompt = first.prompt
+    record = await stream_one(client, url, RequestRecord(first_index, first.prompt_len, first.output_len),
+                              prompt, ignore_eos)
+    records = [record]
+    bar.update(1)
+    for turn, follow_up in enumerate(conversation.follow_ups, 1):
+        if not record.ok:
+            records.append(_not_sent(first_index + turn, follow_up))
+            bar.update(1)
+            continue
+        prompt = next_turn_prompt(prompt, record.generated_text or "", follow_up.user_message)
+        record = RequestRecord(first_index + turn, 0, follow_up.output_len)
+        later_prompts.append((record, prompt))
+        records.append(await stream_one(client, url, record, prompt, ignore_eos))
+        bar.update(1)
+    return records
+
+
+def _not_sent(index: int, follow_up: FollowUp) -> RequestRecord:
+    now = time.perf_counter()
+    return RequestRecord(index, 0, follow_up.output_len, start=now, end=now,
+                         error="not sent: an earlier turn of its conversation failed")
 
 
 async def warm_up(url: str, req: BenchRequest, ignore_eos: bool = True) -> None:
     """One short request before measuring, so one-off costs (first kernel runs, allocator growth)
     are not charged to the first measured requests."""
-    short = BenchRequest(req.prompt, req.prompt_ids, min(req.output_len, 4))
+    short = RequestRecord(-1, req.prompt_len, min(req.output_len, 4))
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0)) as client:
-        record = await stream_one(client, url, -1, short, ignore_eos)
+        record = await stream_one(client, url, short, req.prompt, ignore_eos)
     if not record.ok:
         raise RuntimeError(f"warm-up request failed: {record.error}")

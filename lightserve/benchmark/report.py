@@ -4,25 +4,50 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from lightserve.benchmark.hf_baseline import HFResult
 from lightserve.benchmark.stats import RunSummary
-from lightserve.benchmark.workload import BenchRequest
+from lightserve.benchmark.workload import Conversation, WorkloadShape
 
 
 def rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
-def workload_summary(requests: list[BenchRequest]) -> dict[str, Any]:
-    prompts = [r.prompt_len for r in requests]
-    outputs = [r.output_len for r in requests]
-    return {"num_requests": len(requests),
-            "prompt_len": {"min": min(prompts), "max": max(prompts), "mean": sum(prompts) / len(prompts)},
-            "output_len": {"min": min(outputs), "max": max(outputs), "mean": sum(outputs) / len(outputs)},
-            "total_prompt_tokens": sum(prompts), "total_output_tokens": sum(outputs)}
+def workload_summary(conversations: Sequence[Conversation], shape: WorkloadShape) -> dict[str, Any]:
+    """The workload as planned: its shape (so a run says what it measured) and its lengths. A
+    multi-turn workload's later prompts depend on the server's answers, so only its first turns'
+    prompt lengths are known here; the runs report the prompt tokens actually sent."""
+    firsts = [c.first.prompt_len for c in conversations]
+    outputs = [n for c in conversations for n in c.output_lens]
+    summary: dict[str, Any] = {"num_requests": len(outputs), **asdict(shape)}
+    if shape.turns > 1:
+        summary.update(conversations=len(conversations), first_turn_prompt_len=_spread(firsts))
+    else:
+        summary.update(prompt_len=_spread(firsts), total_prompt_tokens=sum(firsts))
+    summary.update(output_len=_spread(outputs), total_output_tokens=sum(outputs))
+    return summary
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    return {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+
+
+def format_workload(w: dict[str, Any], seed: int) -> str:
+    if w["multi_turn"] > 1:
+        head = f"{w['num_requests']} requests in {w['conversations']} conversations of {w['multi_turn']} turns"
+        prompts = f"first-turn prompt tokens {w['first_turn_prompt_len']['min']}-{w['first_turn_prompt_len']['max']}"
+    else:
+        head = f"{w['num_requests']} requests"
+        prompts = (f"prompt tokens {w['prompt_len']['min']}-{w['prompt_len']['max']} "
+                   f"(total {w['total_prompt_tokens']})")
+    prefix = (f", shared prefix of {w['shared_prefix_len']} tokens in {w['shared_prefix_groups']} groups"
+              if w["shared_prefix_len"] else "")
+    return (f"workload: {head}{prefix}, {prompts}, output tokens {w['output_len']['min']}-{w['output_len']['max']} "
+            f"(total {w['total_output_tokens']}), seed {seed}")
 
 
 def format_run(s: RunSummary) -> str:
@@ -79,11 +104,12 @@ def ratio(run: RunSummary, hf: HFResult) -> float:
     return run.output_throughput / hf.useful_output_throughput
 
 
-def write_json(path: str | Path, config: dict[str, Any], requests: list[BenchRequest], runs: list[RunSummary],
+def write_json(path: str | Path, config: dict[str, Any], workload: dict[str, Any], runs: list[RunSummary],
                hf: Optional[HFResult]) -> None:
+    """`workload` is `workload_summary`'s."""
     data = {
         "config": config,
-        "workload": workload_summary(requests),
+        "workload": workload,
         "runs": [s.to_json() for s in runs],
         "hf_baseline": hf.to_json() if hf else None,
         "ratio_vs_transformers": {rate_label(s.request_rate): ratio(s, hf) for s in runs} if hf else None,

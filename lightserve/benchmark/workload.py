@@ -10,6 +10,15 @@ first draw was exact for 90 of 90 prompts of 32-512 tokens). Each prompt is re-t
 or vocabulary), the re-tokenized ids are trimmed or extended with more words and the check is
 repeated until the length is exact, or an error is raised. The final `prompt_ids` are the
 tokenizer's own encoding of the text, i.e. exactly what the server will see.
+
+Workloads for a prefix cache (`WorkloadShape`):
+- Shared prefixes: every prompt is one of G prefixes of exactly N tokens (special tokens included)
+  followed by its own suffix. The suffix words are drawn after the prefix's ids and the whole text
+  is checked and repaired as above, with the prefix's ids held fixed, so all prompts of a group
+  share exactly the same first N token ids on the server.
+- Multi-turn chat: a conversation's turn k prompt is turn k-1's prompt + the server's answer to it
+  + a new user message (`next_turn_prompt`). Only the first turn and the user messages are known
+  before the run; later prompts are made by the load generator from the answers it receives.
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         # Tokens the tokenizer adds around any text (e.g. BOS); they count toward the prompt length.
         self.special_overhead = len(tokenizer.encode("a")) - len(tokenizer.encode("a", add_special_tokens=False))
+        self.special_ids = set(tokenizer.all_special_ids)
         self.pool = self._word_pool(tokenizer)
         if len(self.pool) < 100:
             raise ValueError(f"tokenizer has only {len(self.pool)} whole-word tokens; cannot build prompts")
@@ -101,38 +111,143 @@ class PromptBuilder:
         return [i for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids))
                 if i not in special and piece is not None and _WORD_TOKEN.match(piece)]
 
-    def build(self, length: int, rng: random.Random) -> tuple[str, list[int]]:
-        """A text of exactly `length` tokens (special tokens included) and its token ids."""
+    def build(self, length: int, rng: random.Random, prefix_ids: Sequence[int] = ()) -> tuple[str, list[int]]:
+        """A text of exactly `length` tokens (special tokens included) and its token ids.
+
+        With `prefix_ids` (the ids of an earlier `build`), the ids start with exactly those: only
+        the words after the prefix are drawn and repaired, so prompts built on one prefix share
+        their first `len(prefix_ids)` tokens."""
+        head = [i for i in prefix_ids if i not in self.special_ids]
         body = length - self.special_overhead
-        if body < 1:
-            raise ValueError(f"prompt length {length} leaves no room beside {self.special_overhead} special tokens")
-        ids = [rng.choice(self.pool) for _ in range(body)]
+        drawn = body - len(head)
+        if drawn < 1:
+            raise ValueError(f"prompt length {length} leaves no room beside {self.special_overhead} special tokens"
+                             f" and a prefix of {len(prefix_ids)} tokens")
+        tail = self._draw(drawn, rng)
         for _ in range(_MAX_REPAIRS):
-            text = self.tokenizer.decode(ids)
+            text = self.tokenizer.decode(head + tail)
             encoded = self.tokenizer.encode(text, add_special_tokens=False)
+            if encoded[:len(head)] != head:
+                # The first drawn word merged with the prefix's last one: draw the words again.
+                tail = self._draw(drawn, rng)
+                continue
             if len(encoded) == body:
                 full = self.tokenizer.encode(text)
-                if len(full) == length:
+                if len(full) == length and full[:len(prefix_ids)] == list(prefix_ids):
                     return text, full
-            # Re-tokenize and trim (or extend) the ids, then check again.
-            ids = encoded[:body] + [rng.choice(self.pool) for _ in range(body - len(encoded))]
-        raise RuntimeError(f"could not build a prompt of exactly {length} tokens with this tokenizer")
+            # Re-tokenize and trim (or extend) the drawn words, then check again.
+            tail = encoded[len(head):body] + self._draw(body - len(encoded), rng)
+        raise RuntimeError(f"could not build a prompt of exactly {length} tokens with this tokenizer"
+                           + (" on a shared prefix (special tokens after the text?)" if prefix_ids else ""))
+
+    def text(self, length: int, rng: random.Random) -> str:
+        """A text of exactly `length` tokens without the tokenizer's special tokens: a message that
+        goes inside a prompt, after other text."""
+        return self.build(length + self.special_overhead, rng)[0]
+
+    def _draw(self, count: int, rng: random.Random) -> list[int]:
+        return [rng.choice(self.pool) for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class WorkloadShape:
+    """How the synthetic prompts relate to each other (what a prefix cache can reuse); reported
+    with the results so that a run says what it measured.
+
+    - `shared_prefix_len`: every prompt starts with one of `shared_prefix_groups` prefixes of exactly
+      this many tokens (special tokens included); request i (conversation i in multi-turn) takes
+      prefix i mod groups (round-robin: equal groups, interleaved in arrival order). 0: none.
+    - `multi_turn`: turns per conversation; 0: independent requests (as one-turn conversations)."""
+
+    shared_prefix_len: int = 0
+    shared_prefix_groups: int = 1
+    multi_turn: int = 0
+
+    @property
+    def turns(self) -> int:
+        return max(self.multi_turn, 1)
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A later turn of a conversation: the user message it adds and its max_new_tokens."""
+
+    user_message: str
+    output_len: int
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Turns sent one after another. The first turn is a complete request; a later turn's prompt
+    contains the server's earlier answers, so the load generator makes it during the run
+    (`next_turn_prompt`) from its `FollowUp`."""
+
+    first: BenchRequest
+    follow_ups: tuple[FollowUp, ...] = ()
+
+    @property
+    def turns(self) -> int:
+        return 1 + len(self.follow_ups)
+
+    @property
+    def output_lens(self) -> list[int]:
+        return [self.first.output_len] + [f.output_len for f in self.follow_ups]
+
+
+def next_turn_prompt(previous_prompt: str, answer: str, user_message: str) -> str:
+    """Turn k's prompt: turn k-1's prompt, the text the server generated for it, then the new user
+    message, concatenated as they are (no chat template), so each prompt extends the previous one
+    as text. Its tokens may differ from the previous ids + answer ids where the pieces meet."""
+    return previous_prompt + answer + user_message
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[int]:
+    """Token counts of `prompts` as the server encodes them (special tokens included)."""
+    return [len(ids) for ids in tokenizer(prompts)["input_ids"]]
 
 
 def synthetic_workload(tokenizer: PreTrainedTokenizerBase, num_requests: int, prompt_len: LengthSpec,
-                       output_len: LengthSpec, seed: int) -> list[BenchRequest]:
-    """`num_requests` requests with seeded random prompt and output lengths and random word prompts.
+                       output_len: LengthSpec, seed: int, shared_prefix_len: int = 0,
+                       shared_prefix_groups: int = 1) -> list[BenchRequest]:
+    """`num_requests` requests with seeded random prompt and output lengths and random word prompts;
+    with `shared_prefix_len`, each prompt is a shared prefix + a suffix of `prompt_len` tokens
+    (see `WorkloadShape`)."""
+    shape = WorkloadShape(shared_prefix_len, shared_prefix_groups)
+    return [c.first for c in conversation_workload(tokenizer, num_requests, prompt_len, output_len, seed, shape)]
+
+
+def conversation_workload(tokenizer: PreTrainedTokenizerBase, num_conversations: int, prompt_len: LengthSpec,
+                          output_len: LengthSpec, seed: int, shape: WorkloadShape) -> list[Conversation]:
+    """`num_conversations` conversations of `shape.turns` turns. Each turn's user message has a
+    length drawn from `prompt_len` (the first one's counts the special tokens and follows the
+    shared prefix, if any) and each turn an output length from `output_len`.
 
     All lengths are drawn before any prompt text, so the lengths depend on the seed only (not on
-    the tokenizer)."""
+    the tokenizer), and one-turn conversations without a shared prefix are the same requests as
+    before multi-turn and shared prefixes existed."""
     rng = random.Random(seed)
-    lengths = [(prompt_len.sample(rng), output_len.sample(rng)) for _ in range(num_requests)]
+    turns = shape.turns
+    lengths = [(prompt_len.sample(rng), output_len.sample(rng)) for _ in range(num_conversations * turns)]
     builder = PromptBuilder(tokenizer)
-    requests = []
-    for p_len, o_len in lengths:
-        text, ids = builder.build(p_len, rng)
-        requests.append(BenchRequest(text, tuple(ids), o_len))
-    return requests
+    prefixes: list[Sequence[int]] = [()]
+    if shape.shared_prefix_len:
+        prefixes = [builder.build(shape.shared_prefix_len, rng)[1] for _ in range(shape.shared_prefix_groups)]
+    conversations = []
+    for c in range(num_conversations):
+        (p_len, o_len), *later = lengths[c * turns:(c + 1) * turns]
+        prefix = prefixes[c % len(prefixes)]
+        text, ids = builder.build(len(prefix) + p_len, rng, prefix)
+        follow_ups = tuple(FollowUp(builder.text(n, rng), out) for n, out in later)
+        conversations.append(Conversation(BenchRequest(text, tuple(ids), o_len), follow_ups))
+    return conversations
+
+
+def warm_up_request(tokenizer: PreTrainedTokenizerBase, like: BenchRequest, seed: int) -> BenchRequest:
+    """A request of `like`'s lengths whose words come from a generator of their own, so warming up
+    leaves nothing in a prefix cache that a measured request could reuse (beyond a BOS or a
+    chance first word)."""
+    text, ids = PromptBuilder(tokenizer).build(like.prompt_len, random.Random(f"warm-up {seed}"))
+    return BenchRequest(text, tuple(ids), like.output_len)
 
 
 def load_jsonl(path: str | Path, tokenizer: PreTrainedTokenizerBase, output_len: LengthSpec, seed: int,
