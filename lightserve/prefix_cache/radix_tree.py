@@ -122,6 +122,24 @@ class RadixTree:
             node = child
         return pos
 
+    def probe(self, key: Sequence[Hashable]) -> tuple[int, int]:
+        """Read-only: (the `match_len` of `key`, how many of those matched tokens no lock protects).
+
+        The second figure is what locking the match would move from evictable to protected, which
+        admission must count as taken.
+        """
+        key = tuple(key)
+        node, pos, unlocked = self.root, 0, 0
+        while pos < len(key) and (child := node.children.get(key[pos])) is not None:
+            common = _common_len(child.key, key, pos)
+            pos += common
+            if child.ref_count == 0:
+                unlocked += common
+            if common < len(child.key):
+                break
+            node = child
+        return pos, unlocked
+
     def insert(self, key: Sequence[Hashable], value: Slots, now: Optional[int] = None) -> int:
         """Cache `value` as the slots of `key`; return how many leading positions were already cached.
 
