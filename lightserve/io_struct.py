@@ -112,6 +112,10 @@ class AbortReq(Message, tag=True):
     req_id: int
 
 
+class FlushCache(Message, tag=True):
+    """Drop every prefix-cache entry no running request uses (httpserver -> router -> ranks)."""
+
+
 class TokenOut(Message):
     """One generated token of one request (ranks -> router -> detokenizer)."""
 
@@ -122,6 +126,7 @@ class TokenOut(Message):
     # Top alternatives as (token_id, logprob) when the request asked for them.
     top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     seed: Optional[int] = None
     error: Optional[str] = None  # the request failed or was refused inside the router/backend
 
@@ -141,6 +146,7 @@ class TextOut(Message):
     special: bool = False  # the token is a special token (e.g. EOS)
     finish_reason: Optional[FinishReason] = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int = 0
     top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
     seed: Optional[int] = None
@@ -158,6 +164,7 @@ class RouterStats(Message, tag=True):
     kv_used: int  # slots held by running requests
     running_reqs: int
     waiting_reqs: int
+    kv_cached: int = 0  # slots the prefix cache holds (locked by running requests or evictable)
     # Seconds each request admitted since the last report waited in the queue.
     queue_times: list[float] = msgspec.field(default_factory=list)
 
@@ -177,22 +184,35 @@ class Chunk(Message, array_like=True):
 class StepPlan(Message, tag=True):
     """Everything a rank does in one step, in this order:
 
+    0. `flush`: the prefix cache drops every entry no request holds;
     1. `release`: requests finished outside the rank (stop string), aborted or paused since the
-       last step: their KV slots and table rows are freed;
-    2. `new_reqs`: requests joining the rank's persistent batch (nothing computed yet);
-    3. the forward pass over `decode` (every request that has sampled a token computes that one
+       last step: their computed KV goes to the prefix cache (or is freed) and their table rows
+       are freed;
+    2. `new_reqs`: requests joining the rank's persistent batch; `new_reqs[i]` starts with its
+       first `cached[i]` tokens taken from the prefix cache (the router found them there; an
+       empty `cached`: no hits);
+    3. `evict`: the prefix cache frees that many unused tokens (least recently used) so that the
+       step's tokens fit;
+    4. the forward pass over `decode` (every request that has sampled a token computes that one
        token) and `chunks` (prompt pieces, in this order), then sampling.
     """
 
     new_reqs: list[GenerateReq] = msgspec.field(default_factory=list)
+    cached: list[int] = msgspec.field(default_factory=list)
     chunks: list[Chunk] = msgspec.field(default_factory=list)
     decode: bool = False
     release: list[int] = msgspec.field(default_factory=list)
+    evict: int = 0
+    flush: bool = False
 
     @classmethod
     def admit_whole(cls, reqs: list[GenerateReq]) -> "StepPlan":
-        """Admit `reqs` and compute their whole prompts in this step (no decode rows)."""
+        """Admit `reqs` and compute their whole prompts in this step (no decode rows, no cache hits)."""
         return cls(new_reqs=reqs, chunks=[Chunk(r.req_id, len(r.prompt_ids) + len(r.output_ids)) for r in reqs])
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.new_reqs or self.chunks or self.decode or self.release or self.flush)
 
 
 class Shutdown(Message, tag=True):
@@ -208,4 +228,6 @@ class StepResult(Message, tag=True):
     outs: list[TokenOut]  # one per request that sampled, plus one error per request refused at admission
     kv_total: int
     kv_free: int
+    kv_cached: int  # slots the prefix cache holds
+    kv_evictable: int  # of those, slots no running request uses
     running_reqs: int  # requests in the rank's persistent batch after the step

@@ -40,6 +40,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     seed: Optional[int] = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
 
     @property
     def finished(self) -> bool:
@@ -82,6 +83,12 @@ class LLM:
             self.scheduler.add(r)
         return self._run(reqs, prompts, use_tqdm)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry that no running request uses (between `generate` calls: all)."""
+        self.scheduler.flush_cache()
+        while self.scheduler.has_work:
+            self.scheduler.step()
+
     def _make_request(self, prompt: Prompt, params: SamplingParams) -> GenerateReq:
         params.validate()
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
@@ -106,6 +113,7 @@ class LLM:
                 if out.req_id not in pending:
                     continue
                 text = assemblers[out.req_id].apply(out)
+                results[out.req_id].num_cached_tokens = out.cached_tokens
                 completion = results[out.req_id].outputs[0]
                 completion.text += text.text
                 completion.token_ids.append(out.token_id)

@@ -23,6 +23,7 @@ class ServerArgs:
     max_req_total_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens of one request"})
     batch_max_tokens: Optional[int] = field(default=None, metadata={"help": "max prompt tokens prefilled in one batch (default: max(max_req_total_len, 2048))"})
     chunked_prefill_size: int = field(default=256, metadata={"help": "tokens one step computes, decode rows and prompt chunks together; 0: a prompt is prefilled whole, in a step of its own"})
+    disable_prefix_cache: bool = field(default=False, metadata={"help": "do not reuse the KV of prompt prefixes seen before (the prefix cache is on by default)"})
     running_max_req_size: int = field(default=256, metadata={"help": "max requests in the running batch"})
     max_waiting_reqs: int = field(default=1024, metadata={"help": "requests that may wait beyond the running batch; more get 429"})
     router_max_wait_tokens: int = field(default=6, metadata={"help": "decode steps between admissions while requests wait"})

@@ -11,13 +11,15 @@ from lightserve.io_struct import Chunk, GenerateReq, StepPlan, TokenOut
 
 
 def prefill(engine: ModelEngine, reqs: list[GenerateReq], chunk: Optional[int] = None,
-            decode: bool = False) -> tuple[dict[int, torch.Tensor], list[TokenOut]]:
+            decode: bool = False, cached: Optional[list[int]] = None) -> tuple[dict[int, torch.Tensor], list[TokenOut]]:
     """Admit `reqs` and compute their prompts, `chunk` tokens per request per step (None: whole
-    prompts in one step), beside the decode rows when `decode`. Returns each new request's
+    prompts in one step), beside the decode rows when `decode`; `reqs[i]` starts with its first
+    `cached[i]` tokens from the prefix cache (None: no hits). Returns each new request's
     last-position logits and every output sampled on the way (decode rows included)."""
-    refused = engine.admit(reqs)
+    cached = cached or [0] * len(reqs)
+    refused = engine.admit(reqs, cached)
     assert not refused, refused
-    left = {r.req_id: len(r.prompt_ids) + len(r.output_ids) for r in reqs}
+    left = {r.req_id: len(r.prompt_ids) + len(r.output_ids) - n for r, n in zip(reqs, cached)}
     logits_of: dict[int, torch.Tensor] = {}
     outs: list[TokenOut] = []
     while left:
@@ -45,3 +47,15 @@ def run_to_end(engine: ModelEngine) -> list[TokenOut]:
     while engine.num_running:
         outs += decode(engine)
     return outs
+
+
+def assert_kv_whole(engine: ModelEngine, flush: bool = True) -> None:
+    """No request holds KV: every slot is free or an unlocked prefix-cache entry, and after a
+    flush (`flush`) every slot is free again."""
+    cache = engine.prefix_cache
+    assert engine.num_running == 0
+    assert cache.protected_tokens == 0, "a lock outlived its request"
+    assert engine.mem.can_use_mem_size + cache.evictable_tokens == engine.mem.size
+    if flush:
+        engine.step(StepPlan(flush=True))
+        assert engine.mem.can_use_mem_size == engine.mem.size and cache.total_tokens == 0

@@ -10,7 +10,7 @@ from lightserve.backend.attention import resolve_backend_name
 from lightserve.backend.engine import ModelEngine
 from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan
 from lightserve.server_args import ServerArgs
-from tests.engine_steps import prefill, run_to_end
+from tests.engine_steps import assert_kv_whole, prefill, run_to_end
 from tests.model_factory import build_tiny_model
 
 PROMPT_LENS = [1, 5, 17, 33]
@@ -68,7 +68,7 @@ def test_prefill_and_decode_logits_match_transformers(tiny_model_dirs, family, b
     held = engine.mem.size - engine.mem.can_use_mem_size
     assert held == sum(len(s) for s in seqs)
     engine.release([r.req_id for r in reqs])
-    assert engine.mem.can_use_mem_size == engine.mem.size
+    assert_kv_whole(engine)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -131,6 +131,7 @@ def test_a_request_the_engine_cannot_serve_is_refused_alone_before_the_step(tiny
     assert "image cache" in errors[1] and "vocabulary" in errors[2] and "logprobs" in errors[3]
     assert [o.req_id for o in result.outs if not o.error] == [0]
     run_to_end(engine)
+    assert_kv_whole(engine)
     assert (engine.mem.can_use_mem_size, engine.req_manager.can_use_req_size) == (free_slots, free_rows)
 
 
@@ -148,4 +149,5 @@ def test_a_step_that_raises_frees_every_slot_and_row(tiny_model_dirs):
     assert (engine.mem.can_use_mem_size, engine.req_manager.can_use_req_size) == (free_slots, free_rows)
     prefill(engine, [GenerateReq(req_id=2, prompt_ids=[4] * 7, sampling=sampling)])  # still serves
     run_to_end(engine)
+    assert_kv_whole(engine)
     assert engine.mem.can_use_mem_size == free_slots

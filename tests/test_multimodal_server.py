@@ -34,7 +34,7 @@ from lightserve.httpserver.images import fetch_remote
 from lightserve.io_struct import GenerateReq, ImageItem, SamplingParams
 from lightserve.server_args import ServerArgs
 from lightserve.visual.encoder import VisionEncoder, load_image
-from tests.engine_steps import decode, prefill, run_to_end
+from tests.engine_steps import assert_kv_whole, decode, prefill, run_to_end
 from tests.llava_factory import TOKENS_PER_IMAGE, hf_generate, random_image
 from tests.server_harness import (ServerProcess, assert_stopped_after_child_death, child_owning, kill_child_mid_stream,
                                   shm_of)
@@ -262,7 +262,7 @@ def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf_llava):
         got = [out.token_id for out in prefill(engine, [req])[1]]
         got += [decode(engine)[0].token_id for _ in range(2)]
         engine.release([0])  # a pause: the router requeues it with the tokens it had generated
-        assert engine.mem.can_use_mem_size == 1000
+        assert_kv_whole(engine, flush=False)  # its KV went to the prefix cache (unused: the resume recomputes it)
         paused = GenerateReq(0, prompt_ids, req.sampling, images=[item], output_ids=list(got))
         chunk = item.token_start + TOKENS_PER_IMAGE // 2
         got += [out.token_id for out in prefill(engine, [paused], chunk)[1]]

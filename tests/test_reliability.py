@@ -346,7 +346,9 @@ class RouterOverEngine:
                     self.outs[out.req_id].append(out)
 
     def kv_free(self) -> bool:
-        return self.engine.mem.can_use_mem_size == self.engine.mem.size and self.engine.num_running == 0
+        cache = self.engine.prefix_cache  # unused cached entries are as good as free
+        return (self.engine.mem.can_use_mem_size + cache.evictable_tokens == self.engine.mem.size
+                and cache.protected_tokens == 0 and self.engine.num_running == 0)
 
     def close(self) -> None:
         self.router.close()

@@ -35,7 +35,7 @@ CARRIED = [
     (serde.HTTP_IN, [BatchTextOut([TEXT, TextOut(13, "", -1, 0.0, error="failed")]),
                      RouterStats(kv_total=100, kv_used=40, running_reqs=2, waiting_reqs=1, queue_times=[0.25])]),
     (serde.RANK_IN, [StepPlan(new_reqs=[REQ], chunks=[Chunk(12, 3)], decode=True, release=[4, 5]), Shutdown()]),
-    (serde.RANK_REPLY, [StepResult([TOKEN, REFUSAL], kv_total=100, kv_free=60, running_reqs=1)]),
+    (serde.RANK_REPLY, [StepResult([TOKEN, REFUSAL], kv_total=100, kv_free=60, kv_cached=30, kv_evictable=20, running_reqs=1)]),
 ]
 
 

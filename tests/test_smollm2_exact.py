@@ -9,7 +9,7 @@ import transformers
 from lightserve.backend.engine import ModelEngine
 from lightserve.io_struct import GenerateReq, SamplingParams
 from lightserve.server_args import ServerArgs
-from tests.engine_steps import decode, prefill, run_to_end
+from tests.engine_steps import assert_kv_whole, decode, prefill, run_to_end
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -70,7 +70,7 @@ def test_joining_a_running_batch_matches_transformers(smollm2_dir, prompts, hf_o
 
     for i, expected in enumerate(hf_outputs):
         assert got[i] == expected, f"prompt {i}: {QUESTIONS[i]!r}"
-    assert engine.mem.can_use_mem_size == engine.mem.size
+    assert_kv_whole(engine)
 
 
 @pytest.mark.parametrize("chunk", [1, 64])
@@ -85,6 +85,8 @@ def test_scheduler_with_chunked_prefill_matches_transformers(smollm2_dir, prompt
                                                                                temperature=0.0))
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == hf_outputs[i], f"prompt {i}: {QUESTIONS[i]!r}"
+    assert_kv_whole(llm.engine, flush=False)
+    llm.reset_prefix_cache()
     assert llm.engine.mem.can_use_mem_size == llm.engine.mem.size
 
 

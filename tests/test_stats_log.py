@@ -37,6 +37,20 @@ def test_rates_count_busy_time_only(caplog):
         "prompt 50.0 tok/s, generation 5.0 tok/s, 1 running, 0 waiting, KV 6.0% of 100 slots")
 
 
+def test_the_prefix_cache_hit_rate_is_the_share_of_the_window_s_admitted_prompt_tokens():
+    clock = Clock()
+    log = StatsLog(10.0, clock)
+    log.maybe_log(0, 0, 1, 0, 0, 100)
+    clock.now += 10
+    assert log.maybe_log(500, 10, 1, 0, 5, 100, cache_queried=1000, cache_hit=100).endswith(
+        ", prefix cache hit rate 10.0%")
+    clock.now += 10
+    assert log.maybe_log(800, 20, 1, 0, 5, 100, cache_queried=3000, cache_hit=1600).endswith(
+        ", prefix cache hit rate 75.0%")  # (1600 - 100) / (3000 - 1000): this window's admissions only
+    clock.now += 10
+    assert "hit rate" not in log.maybe_log(900, 30, 1, 0, 5, 100, cache_queried=3000, cache_hit=1600)
+
+
 def test_zero_interval_never_logs():
     clock = Clock()
     log = StatsLog(0, clock)

@@ -34,6 +34,7 @@ from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
 from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
 from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan  # noqa: E402
 from lightserve.server_args import ServerArgs  # noqa: E402
+from tests.engine_steps import assert_kv_whole  # noqa: E402
 from tests.model_factory import build_tiny_model  # noqa: E402
 
 assert runtime.INTERPRET, "TRITON_INTERPRET=1 must be set before the kernel modules are imported"
@@ -319,4 +320,4 @@ def test_tiny_llama_greedy_tokens_match_torch_backend(tmp_path):
     assert tokens == expected_tokens
     for got, want in zip(logits, expected_logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert triton.mem.can_use_mem_size == triton.mem.size
+    assert_kv_whole(triton)

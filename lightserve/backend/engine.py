@@ -4,7 +4,11 @@ The router (through `worker.py`) and the offline `LLM` drive it the same way: on
 per step (`step`). Each request carries `computed`, the number of its tokens in the KV pool; a
 step computes a chunk of some prompts and one token of every decoding request, in one forward
 pass. Requests that finish (EOS, stop token, max_new_tokens) leave in the step that finishes
-them and their KV slots are freed at once.
+them and their KV goes to the prefix cache (or is freed) at once.
+
+The prefix cache (`prefix_cache.cache`): a request the router found cached starts with
+`computed > 0`, its first tokens' slots taken from the cache; each computed prompt chunk and each
+request that leaves hands its KV to the cache, which evicts unused entries when the router says.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from lightserve.backend.parallel import SINGLE, TensorParallel
 from lightserve.backend.req_manager import ReqManager
 from lightserve.backend.sampling import SampleResult, sample
 from lightserve.io_struct import FinishReason, GenerateReq, StepPlan, StepResult, TokenOut
+from lightserve.prefix_cache.cache import Hold, PrefixCache, cache_key
 from lightserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -70,6 +75,10 @@ class ModelEngine:
         self.kv_cache = list(zip(self.mem.k_buffer, self.mem.v_buffer))
         self.req_manager = ReqManager(args.running_max_req_size, args.max_req_total_len, self.device)
         self.eos_ids = torch.tensor(sorted(self._eos_ids(model_dir)), dtype=torch.long, device=self.device)
+        # Values: int32 slot tensors, copies (never views) of token-table rows.
+        self.prefix_cache: PrefixCache[torch.Tensor] = PrefixCache(not args.disable_prefix_cache, torch.cat)
+        # Locks of requests refused at admission, held to the end of the step as the router holds them.
+        self._refused_holds: list[Hold] = []
         # The persistent batch: requests still computing their prompt (in admission order), and
         # the decoding ones. `forward` leaves the rows that sample in `_pending` for `sample`.
         self.prefilling: dict[int, ReqState] = {}
@@ -97,53 +106,82 @@ class ModelEngine:
         KV is freed before the error propagates (the router fails those requests).
         """
         try:
+            if plan.flush:
+                self._free_slots(self.prefix_cache.flush())
             self.release(plan.release)
-            refused = self.admit(plan.new_reqs)
+            refused = self.admit(plan.new_reqs, plan.cached)
             outs = refused + self.sample(self.forward(plan))
+            for hold in self._refused_holds:
+                self.prefix_cache.unlock(hold)
+            self._refused_holds.clear()
         except BaseException:
             self.release_all()
             raise
-        return StepResult(outs, self.mem.size, self.mem.can_use_mem_size, self.num_running)
+        cache = self.prefix_cache
+        return StepResult(outs, self.mem.size, self.mem.can_use_mem_size, cache.total_tokens,
+                          cache.evictable_tokens, self.num_running)
 
     @property
     def num_running(self) -> int:
         return len(self.prefilling) + (len(self.decoding) if self.decoding is not None else 0)
 
     def release(self, req_ids: list[int]) -> None:
-        """Free the KV slots and table rows of `req_ids`. Ids this rank no longer holds are
-        ignored: a request may finish here in the step in which it was aborted elsewhere."""
-        gone = set(req_ids)
-        for req_id in gone & self.prefilling.keys():
-            req = self.prefilling.pop(req_id)
-            held = self.req_manager.req_to_token[req.row, : req.computed]
-            self.mem.free(held.long())
-            self.req_manager.free([req.row])
-        if self.decoding is not None and gone:
-            self.decoding = self._keep_rows(self.decoding, [i for i, r in enumerate(self.decoding.reqs)
-                                                            if r.req_id not in gone])
+        """Retire `req_ids`, in this order (the prefix cache must see them as the router does):
+        their KV goes to the prefix cache or is freed, their table rows are freed. Ids this rank
+        no longer holds are ignored: a request may finish here in the step in which it was
+        aborted elsewhere."""
+        rows = {r.req_id: i for i, r in enumerate(self._decoding_reqs())}
+        seq_lens = self.decoding.b_seq_len.tolist() if rows else []
+        leaving: list[tuple[ReqState, int]] = []
+        for req_id in req_ids:
+            if (req := self.prefilling.pop(req_id, None)) is not None:
+                leaving.append((req, req.computed))
+            elif (i := rows.pop(req_id, None)) is not None:
+                leaving.append((self.decoding.reqs[i], seq_lens[i]))
+        self._retire(leaving)
+        if self.decoding is not None and len(rows) < len(self.decoding):
+            keep = sorted(rows.values())
+            self.decoding = self.decoding.select(keep) if keep else None
 
     def release_all(self) -> None:
         self.prefilling.clear()
         self.decoding = self._pending = None
+        self._refused_holds.clear()
+        self.prefix_cache.reset()
         self.mem.free_all()
         self.req_manager.free_all()
 
-    def admit(self, reqs: list[GenerateReq]) -> list[TokenOut]:
-        """Add new requests to the persistent batch (nothing computed yet). A request this rank
-        cannot serve is refused alone, with an error output, before any forward pass: every rank
-        refuses it alike, and the rest of the step goes on."""
+    def admit(self, reqs: list[GenerateReq], cached: Optional[list[int]] = None) -> list[TokenOut]:
+        """Add new requests to the persistent batch; `reqs[i]` starts with its first `cached[i]`
+        tokens from the prefix cache (none: no hits). A request this rank cannot serve is refused
+        alone, with an error output, before any forward pass: every rank refuses it alike, and the
+        rest of the step goes on."""
+        cached = cached or [0] * len(reqs)
+        if len(cached) != len(reqs):
+            raise ValueError(f"{len(reqs)} new requests but {len(cached)} cache hit lengths")
         refused = []
-        for r in reqs:
+        for r, n_cached in zip(reqs, cached):
+            prompt_key = cache_key(r.prompt_ids, r.images)
+            hold, slots = self.prefix_cache.lock(prompt_key + r.output_ids, n_cached)
+            if hold.length != n_cached:
+                self.prefix_cache.unlock(hold)
+                raise RuntimeError(f"request {r.req_id}: the router expected {n_cached} cached tokens, "
+                                   f"this rank's prefix cache has {hold.length}")
             why = self._why_unservable(r)
             if why is not None:
+                self._refused_holds.append(hold)
                 refused.append(TokenOut(r.req_id, -1, 0.0, FinishReason.ABORT, prompt_tokens=len(r.prompt_ids),
                                         error=f"the backend cannot serve this request: {why}"))
                 continue
             (row,) = self.req_manager.alloc(1)
+            if slots is not None:
+                self.req_manager.req_to_token[row, :n_cached] = slots
             seed = r.sampling.seed if r.sampling.seed is not None else default_seed(r.req_id)
             self.prefilling[r.req_id] = ReqState(
                 r.req_id, row, r.prompt_ids, r.sampling, seed, list(r.output_ids),
-                frozenset(r.sampling.stop_token_ids), list(r.images), input_ids=r.prompt_ids + r.output_ids)
+                frozenset(r.sampling.stop_token_ids), list(r.images), input_ids=r.prompt_ids + r.output_ids,
+                computed=n_cached, prompt_key=prompt_key, hold=hold,
+                cached_tokens=min(n_cached, len(r.prompt_ids)))
         return refused
 
     def _why_unservable(self, r: GenerateReq) -> Optional[str]:
@@ -187,6 +225,7 @@ class ModelEngine:
         if total == 0:
             self._pending = None
             return torch.empty(0, self.cfg.vocab_size, device=dev)
+        self._free_slots(self.prefix_cache.evict(plan.evict))
         slots = self.mem.alloc(total)
         table = self.req_manager.req_to_token
         chunk_rows = torch.tensor([req.row for req, _ in chunks], dtype=torch.int32, device=dev)
@@ -222,6 +261,7 @@ class ModelEngine:
         logits = self.model.forward(input_ids, state, self.kv_cache, logits_rows)
         for req, n in chunks:
             req.computed += n
+        self._commit([req for req, _ in chunks])
         joined = [self.prefilling.pop(chunks[j][0].req_id) for j in completing]
         new = InferBatch.build(joined, self.cfg.vocab_size, dev) if joined else None
         # The rows that sample: the decode rows and the requests that join, in logits order.
@@ -274,19 +314,47 @@ class ModelEngine:
             else:
                 reason = None
                 keep.append(i)
-            outs.append(TokenOut(req.req_id, token, logprobs[i], reason, tops[i], len(req.prompt_ids), req.seed))
+            outs.append(TokenOut(req.req_id, token, logprobs[i], reason, tops[i], len(req.prompt_ids),
+                                 req.cached_tokens, req.seed))
         return outs, keep
 
     def _keep_rows(self, batch: InferBatch, keep: list[int]) -> Optional[InferBatch]:
-        """Release the KV slots and table rows of every request not in `keep`; the rest (None if empty)."""
+        """Retire every request not in `keep` (in row order); the rest of the batch (None if empty)."""
         dropped = sorted(set(range(len(batch))) - set(keep))
         if not dropped:
             return batch
-        idx = torch.tensor(dropped, dtype=torch.long, device=self.device)
-        rows = batch.b_req_idx.index_select(0, idx).long()
-        lens = batch.b_seq_len.index_select(0, idx).long()
-        table = self.req_manager.req_to_token.index_select(0, rows)[:, : int(lens.max())]
-        held = torch.arange(table.shape[1], device=self.device)[None, :] < lens[:, None]
-        self.mem.free(table[held].long())
-        self.req_manager.free(rows)
+        seq_lens = batch.b_seq_len.tolist()
+        self._retire([(batch.reqs[i], seq_lens[i]) for i in dropped])
         return batch.select(keep) if keep else None
+
+    # ---- KV ownership ------------------------------------------------------------------------
+    def _commit(self, reqs: list[ReqState]) -> None:
+        """Hand the computed tokens of `reqs` to the prefix cache (after a prompt chunk). Positions
+        the cache already had are pointed at its slots, and the request's own copies are freed."""
+        if not self.prefix_cache.enabled:
+            return
+        table, duplicates = self.req_manager.req_to_token, []
+        for req in reqs:
+            done = self.prefix_cache.commit(req.key(req.computed), table[req.row, : req.computed].clone(), req.hold)
+            req.hold = done.hold
+            if done.duplicates is not None:
+                table[req.row, done.start : done.end] = done.tree_slots
+                duplicates.append(done.duplicates)
+        self._free_slots(duplicates)
+
+    def _retire(self, leaving: list[tuple[ReqState, int]]) -> None:
+        """Requests leave with their first `n` tokens computed: the prefix cache takes their KV
+        (or, disabled, it is freed), and their table rows are freed."""
+        table, to_free = self.req_manager.req_to_token, []
+        for req, n in leaving:
+            key = req.key(n) if self.prefix_cache.enabled else []
+            freed = self.prefix_cache.release(key, table[req.row, :n].clone(), req.hold)
+            if freed is not None:
+                to_free.append(freed)
+        self._free_slots(to_free)
+        if leaving:
+            self.req_manager.free([req.row for req, _ in leaving])
+
+    def _free_slots(self, pieces: list[torch.Tensor]) -> None:
+        if pieces:
+            self.mem.free(torch.cat(pieces).long())

@@ -6,6 +6,7 @@ order), so a decode step touches no Python object per request until the outputs 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch
 
 from lightserve.backend.sampling import SamplingBatch
 from lightserve.io_struct import ImageItem, SamplingParams
+from lightserve.prefix_cache.cache import NO_HOLD, Hold
 
 
 @dataclass
@@ -29,10 +31,22 @@ class ReqState:
     # paused request being recomputed) and how many of them are in the KV pool.
     input_ids: list[int] = field(default_factory=list)
     computed: int = 0
+    # The prefix cache's key of the prompt (`prefix_cache.cache_key`), the request's lock on its
+    # tokens in the cache (its first `hold.length` slots are the cache's), and how many prompt
+    # tokens it found cached when it was admitted (reported to the client).
+    prompt_key: list[Hashable] = field(default_factory=list)
+    hold: Hold = NO_HOLD
+    cached_tokens: int = 0
 
     @property
     def prompt_done(self) -> bool:
         return self.computed == len(self.input_ids)
+
+    def key(self, n: int) -> list[Hashable]:
+        """The cache key of the request's first `n` tokens (prompt, then output)."""
+        if n <= len(self.prompt_key):
+            return self.prompt_key[:n]
+        return self.prompt_key + self.output_ids[: n - len(self.prompt_key)]
 
 
 @dataclass

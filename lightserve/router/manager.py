@@ -8,7 +8,7 @@ from multiprocessing.connection import Connection
 
 import zmq
 
-from lightserve.io_struct import BatchTokenOut, FinishReason, GenerateReq, RouterStats, TokenOut
+from lightserve.io_struct import AbortReq, BatchTokenOut, FinishReason, FlushCache, GenerateReq, RouterStats, TokenOut
 from lightserve.router.scheduler import Scheduler
 from lightserve.router.stats_log import StatsLog
 from lightserve.router.worker_client import WorkerGroup
@@ -96,9 +96,10 @@ class RouterManager:
         if self.scheduler.has_work and now - self._last_stats_time < STATS_INTERVAL_S:
             return
         s = self.scheduler
+        # Unused prefix-cache entries are free for any request: they do not count as used.
         stats = RouterStats(
-            kv_total=s.kv_total, kv_used=s.kv_total - s.kv_free, running_reqs=len(s.running),
-            waiting_reqs=len(self.queue), queue_times=s.take_queue_times(),
+            kv_total=s.kv_total, kv_used=s.kv_total - s.kv_free - s.kv_evictable, running_reqs=len(s.running),
+            waiting_reqs=len(self.queue), kv_cached=s.kv_cached, queue_times=s.take_queue_times(),
         )
         self.to_http.send(serde.dumps(stats))
         self._last_stats_time = now
@@ -107,7 +108,8 @@ class RouterManager:
     def log_stats(self) -> None:
         s = self.scheduler
         self.stats_log.maybe_log(s.prompt_tokens, s.generated_tokens, len(s.running), len(self.queue),
-                                 s.kv_total - s.kv_free, s.kv_total)
+                                 s.kv_total - s.kv_free - s.kv_evictable, s.kv_total,
+                                 s.cache_queried_tokens, s.cache_hit_tokens)
 
     def receive(self, block: bool) -> None:
         """Take every message waiting (and wait for one if there is nothing to do)."""
@@ -115,9 +117,11 @@ class RouterManager:
             self._unpublished = True
             if isinstance(msg, GenerateReq):
                 self.add_request(msg)
-            else:  # AbortReq: the client left, or the detokenizer found a stop string
+            elif isinstance(msg, AbortReq):  # the client left, or the detokenizer found a stop string
                 self.scheduler.abort(msg.req_id)
                 self.to_detok.send(serde.dumps(msg))
+            elif isinstance(msg, FlushCache):
+                self.scheduler.flush_cache()
 
     def add_request(self, req: GenerateReq) -> None:
         # The detokenizer learns the request (stop strings, prompt) before any of its tokens.

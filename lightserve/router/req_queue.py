@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from lightserve.io_struct import GenerateReq
+from lightserve.prefix_cache.cache import PrefixCache
 from lightserve.server_args import ServerArgs
 
 # Optimistic mode without `router_max_new_token_len`: the guess of a request's output length is
@@ -63,7 +64,9 @@ class RunningReqInfo:
     """What admission needs to know about one request of the running batch."""
 
     req_id: int  # ids grow with arrival (one counter in the httpserver): higher = newer
-    held_tokens: int  # KV slots held once its prompt is in: prompt + tokens generated so far
+    # KV slots held once its prompt is in: prompt + tokens generated so far, less the tokens it
+    # holds locked in the prefix cache (those count once, among the cache's protected tokens)
+    held_tokens: int
     max_new_tokens: int
     generated: int
     ignore_eos: bool = False  # such a request surely runs to max_new_tokens: never guessed shorter
@@ -116,6 +119,20 @@ class ReqQueue:
     step's token budget. The bound holds at every step from the state it was computed on, and
     admission keeps it within the pool, so conservative mode still never pauses and never runs
     out, chunked or not.
+
+    The prefix cache and the promise. Cached tokens that a running request locks are shared:
+    they count once, as the cache's protected tokens P, and not in any request's `held`. Cached
+    tokens nobody locks can be evicted whenever a step needs room: they count as free. A waiting
+    request that hits h cached tokens computes and holds only `held - h`, and locking its hit
+    turns the unlocked part of it (u tokens) from evictable to protected. So
+
+        demand <= peak_kv_demand(lockstep) + sum(held + left of the others) + P + sum(u)
+
+    over the running batch and the admitted candidates. It holds for the future: without new
+    admissions nothing new gets locked except tokens that a running request computes itself and
+    hands to the cache (already counted in its `held`, and evictable once it finishes), so
+    protected tokens beyond those never exceed P. Two candidates that hit the same unlocked
+    tokens count them twice, which only errs on the safe side.
     """
 
     def __init__(
@@ -215,8 +232,8 @@ class ReqQueue:
         self._observed_output.append(output_len)
 
     # ---- admission ---------------------------------------------------------------------------
-    def generate_new_batch(self, running: Sequence[RunningReqInfo],
-                           prefill_budget: Optional[int] = None) -> list[GenerateReq]:
+    def generate_new_batch(self, running: Sequence[RunningReqInfo], prefill_budget: Optional[int] = None,
+                           cache: Optional[PrefixCache] = None) -> list[GenerateReq]:
         """Take from the head of the queue the requests that may start now, in FIFO order.
 
         Stops at the first request that does not fit (KV peak, batch size or prefill tokens):
@@ -228,6 +245,9 @@ class ReqQueue:
         Unchunked: the first request of a new batch is exempt from `batch_max_tokens` (a resumed
         request's recompute may exceed it; a fresh one was checked at the door), so the head can
         always start once the running batch is empty.
+
+        `cache`: the router's prefix cache; a request's cached tokens are neither computed nor
+        held by it (see the class docstring). Probing it changes nothing.
         """
         room = self.running_max_req_size - len(running)
         if room <= 0 or not self._waiting or (prefill_budget is not None and prefill_budget <= 0):
@@ -243,19 +263,23 @@ class ReqQueue:
         lockstep = np.fromiter((r.in_lockstep for r in running), dtype=bool, count=len(running))
         held, left = held_all[lockstep], left_all[lockstep]
         reserved = int((held_all[~lockstep] + left_all[~lockstep]).sum())  # counted at their most
+        if cache is not None:
+            reserved += cache.protected_tokens
         admitted: list[GenerateReq] = []
         prefill_tokens = 0
         for w in self._waiting:
             if len(admitted) == room:
                 break
+            hit, unlocked = cache.probe_request(w.req) if cache is not None else (0, 0)
+            own = w.held - hit  # the tokens it computes and holds itself
             if prefill_budget is None:
-                if admitted and prefill_tokens + w.held > self.batch_max_tokens:
+                if admitted and prefill_tokens + own > self.batch_max_tokens:
                     break
                 joins_lockstep = True
             else:
                 if prefill_tokens >= prefill_budget:
                     break
-                joins_lockstep = prefill_tokens + w.held <= prefill_budget
+                joins_lockstep = prefill_tokens + own <= prefill_budget
             sampling = w.req.sampling
             w_left = self._estimate_left(
                 np.array([sampling.max_new_tokens]),
@@ -264,13 +288,13 @@ class ReqQueue:
                 guess,
             )
             if joins_lockstep:
-                cand_held, cand_left, cand_reserved = np.append(held, w.held), np.append(left, w_left), reserved
+                cand_held, cand_left, cand_reserved = np.append(held, own), np.append(left, w_left), reserved + unlocked
             else:
-                cand_held, cand_left, cand_reserved = held, left, reserved + w.held + int(w_left[0])
+                cand_held, cand_left, cand_reserved = held, left, reserved + unlocked + own + int(w_left[0])
             if peak_kv_demand(cand_held, cand_left) + cand_reserved > self.max_total_token_num:
                 break
             held, left, reserved = cand_held, cand_left, cand_reserved
-            prefill_tokens += w.held
+            prefill_tokens += own
             admitted.append(w.req)
             if not joins_lockstep:
                 break  # it takes the rest of the step's budget

@@ -25,7 +25,7 @@ class RunPaths:
 
     @property
     def router_in(self) -> str:
-        """httpserver / visual -> router: GenerateReq, AbortReq; detokenization -> router:
+        """httpserver / visual -> router: GenerateReq, AbortReq, FlushCache; detokenization -> router:
         AbortReq of a request that met a stop string (`serde.ROUTER_IN`)."""
         return self._ipc("router")
 

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar, Union
 import msgspec
 
 from lightserve.io_struct import (
-    AbortReq, BatchTextOut, BatchTokenOut, GenerateReq, RouterStats, Shutdown, StepPlan, StepResult,
+    AbortReq, BatchTextOut, BatchTokenOut, FlushCache, GenerateReq, RouterStats, Shutdown, StepPlan, StepResult,
 )
 
 M = TypeVar("M")
@@ -49,7 +49,8 @@ class SocketDecoder(Generic[M]):
 
 
 # One decoder per inbox (addresses in `utils/run_paths.py`).
-ROUTER_IN: SocketDecoder[Union[GenerateReq, AbortReq]] = SocketDecoder("router inbox", GenerateReq, AbortReq)
+ROUTER_IN: SocketDecoder[Union[GenerateReq, AbortReq, FlushCache]] = SocketDecoder(
+    "router inbox", GenerateReq, AbortReq, FlushCache)
 VISUAL_IN: SocketDecoder[Union[GenerateReq, AbortReq]] = SocketDecoder("visual inbox", GenerateReq, AbortReq)
 DETOK_IN: SocketDecoder[Union[GenerateReq, AbortReq, BatchTokenOut]] = SocketDecoder(
     "detokenizer inbox", GenerateReq, AbortReq, BatchTokenOut)
