@@ -179,3 +179,38 @@ def test_gauges_follow_a_running_request_and_a_cancel_is_counted(server) -> None
     assert delta(before, after, "lightserve_generation_tokens_total") >= events
     assert delta(before, after, "lightserve_e2e_request_latency_seconds_count") == 1
     assert value(after, "lightserve_running_requests") == 0
+
+
+def test_prefix_cache_hits_are_reported_and_a_flush_empties_the_cache(server) -> None:
+    """A repeated prompt is served from the prefix cache (all of it but the last token) with the
+    same answer; `usage` and the counters say how many prompt tokens were hit, and after
+    `/flush_cache` the cache holds nothing and the next request computes everything again."""
+    url = server.url
+    system = {"role": "system", "content": "You are a careful assistant. " * 12}
+
+    def ask(question: str) -> dict:
+        return post(url, "/v1/chat/completions", {"model": "llama", "messages": [system, {"role": "user", "content": question}],
+                                                  "max_tokens": 6, "temperature": 0, "ignore_eos": True}).json()
+
+    def cached(answer: dict) -> int:
+        return answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert httpx.post(url + "/flush_cache").json()["status"] == "ok"
+    before = wait_for(url, lambda s: value(s, "lightserve_prefix_cache_slots") == 0
+                      and value(s, "lightserve_running_requests") == 0)
+    first, again, other = ask("Name a colour."), ask("Name a colour."), ask("Name a fruit, please.")
+    assert cached(first) == 0
+    assert cached(again) == again["usage"]["prompt_tokens"] - 1  # a request computes at least its last token
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    assert 0 < cached(other) < other["usage"]["prompt_tokens"] - 1  # the system prompt, not the question
+    answers = (first, again, other)
+    after = wait_for(url, lambda s: delta(before, s, "lightserve_prefix_cache_hits_total") == sum(map(cached, answers))
+                     and value(s, "lightserve_kv_slots_used") == 0)
+    assert delta(before, after, "lightserve_prefix_cache_queries_total") == sum(a["usage"]["prompt_tokens"] for a in answers)
+    # Two distinct prompts and their computed answers stay cached, their shared system prompt once.
+    assert first["usage"]["prompt_tokens"] < value(after, "lightserve_prefix_cache_slots") \
+        < first["usage"]["prompt_tokens"] + other["usage"]["prompt_tokens"] + 10
+
+    assert httpx.post(url + "/flush_cache").status_code == 200
+    wait_for(url, lambda s: value(s, "lightserve_prefix_cache_slots") == 0)
+    assert cached(ask("Name a colour.")) == 0

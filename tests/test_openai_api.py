@@ -331,6 +331,8 @@ def test_api_key(keyed_server) -> None:
     assert info.value.code == "invalid_api_key"
     r = httpx.post(url + "/generate", json={"inputs": "hi"})
     assert r.status_code == 401 and r.json()["error_type"] == "authentication"
+    assert httpx.post(url + "/flush_cache").status_code == 401  # a flush costs every client its hits
+    assert httpx.post(url + "/flush_cache", headers=AUTH).status_code == 200
 
 
 def test_huggingface_inference_client_against_the_tgi_routes(keyed_server) -> None:
@@ -426,8 +428,9 @@ def send(example: Example, base_url: str) -> httpx.Response:
                          content=example.request.body.encode() or None, timeout=120)
 
 
-# Values that differ on every call: only their type is compared.
-_VARYING = {"id": str, "created": int}
+# Values that differ on every call, or with what earlier requests left in the prefix cache: only
+# their type is compared.
+_VARYING = {"id": str, "created": int, "cached_tokens": int}
 
 
 def assert_matches(expected: Any, actual: Any, where: str = "") -> None:
@@ -473,7 +476,7 @@ def check_example(example: Example, r: httpx.Response) -> None:
 
 def test_docs_have_an_example_for_every_route() -> None:
     paths = {e.request.start for e in docs_examples()}
-    for route in ("GET /health", "GET /metrics", "GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions",
+    for route in ("GET /health", "GET /metrics", "POST /flush_cache", "GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions",
                   "POST /generate", "POST /generate_stream", "POST /"):
         assert route in paths
 

@@ -52,7 +52,8 @@ class TextAssembler:
         return TextOut(
             req_id=out.req_id, text=text, token_id=out.token_id, logprob=out.logprob,
             token_text=self.tokenizer.decode([out.token_id]), special=out.token_id in self.special_ids,
-            finish_reason=reason, prompt_tokens=out.prompt_tokens, completion_tokens=self.completion_tokens,
+            finish_reason=reason, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+            completion_tokens=self.completion_tokens,
             top_logprobs=out.top_logprobs, seed=out.seed,
         )
 

@@ -61,6 +61,13 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
     async def openapi(request: Request) -> Response:
         return JSONResponse(spec)
 
+    async def flush_cache(request: Request) -> Response:
+        # Behind the API key like every route but /health: a flush costs every client its hits.
+        if not manager.healthy:
+            return _error_response(request, unavailable(manager.failure or ""))
+        manager.flush_prefix_cache()
+        return JSONResponse({"status": "ok", "detail": "unused prefix-cache entries are dropped before the next step"})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await manager.start()
@@ -80,6 +87,7 @@ def build_app(manager: HttpServerManager, args: ServerArgs) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/flush_cache", flush_cache, methods=["POST"]),
             *tgi.routes(),
             *openai.routes(),
         ],

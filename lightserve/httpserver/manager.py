@@ -38,7 +38,7 @@ from lightserve.cache_manager.protocol import CacheStats
 from lightserve.httpserver.images import ImageIntake, PreparedImages
 from lightserve.httpserver.metrics import RequestRecord, ServerMetrics
 from lightserve.io_struct import (
-    AbortReq, FinishReason, GenerateReq, ImageItem, RouterStats, SamplingParams, TextOut,
+    AbortReq, FinishReason, FlushCache, GenerateReq, ImageItem, RouterStats, SamplingParams, TextOut,
 )
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
@@ -46,7 +46,7 @@ from lightserve.utils.run_paths import RunPaths
 
 logger = logging.getLogger(__name__)
 
-_Outgoing = Union[GenerateReq, AbortReq]
+_Outgoing = Union[GenerateReq, AbortReq, FlushCache]
 T = TypeVar("T")
 
 
@@ -299,6 +299,12 @@ class HttpServerManager:
         if req.images and self._to_visual is not None:
             self._outbox.put_nowait((self._to_visual, AbortReq(req.req_id)))
         self._outbox.put_nowait((self._to_router, AbortReq(req.req_id)))
+
+    def flush_prefix_cache(self) -> None:
+        """Ask the router to drop every prefix-cache entry no running request uses (before its next step)."""
+        if self._to_router is None:
+            raise RuntimeError("the manager is not started")
+        self._outbox.put_nowait((self._to_router, FlushCache()))
 
     @property
     def running_requests(self) -> int:

@@ -93,7 +93,15 @@ class ServerMetrics:
         self.requests = Counter("lightserve_requests", "Generation requests by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:  # every series exists from the start, so rates never see a gap
             self.requests.labels(outcome)
-        self.prompt_tokens = Counter("lightserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("lightserve_prompt_tokens", "Prompt tokens of requests that started answering",
+                                     registry=r)
+        # vLLM's pair: the hit rate is rate(hits) / rate(queries).
+        self.cache_queries = Counter("lightserve_prefix_cache_queries",
+                                     "Prompt tokens of admitted requests looked up in the prefix cache", registry=r)
+        self.cache_hits = Counter("lightserve_prefix_cache_hits",
+                                  "Prompt tokens of admitted requests found in the prefix cache", registry=r)
+        self.kv_cached = Gauge("lightserve_prefix_cache_slots",
+                               "KV cache slots the prefix cache holds, in use or evictable (rank 0)", registry=r)
         self.generation_tokens = Counter("lightserve_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("lightserve_time_to_first_token_seconds", "Time from submission to the first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -106,6 +114,7 @@ class ServerMetrics:
     def update_router(self, stats: RouterStats) -> None:
         self.kv_total.set(stats.kv_total)
         self.kv_used.set(stats.kv_used)
+        self.kv_cached.set(stats.kv_cached)
         self.running.set(stats.running_reqs)
         self.waiting.set(stats.waiting_reqs)
         for t in stats.queue_times:
@@ -146,6 +155,8 @@ class RequestRecord:
             self._metrics.ttft.observe(now - self._submitted)
             # Counted with the first token: only then is the prompt known to be prefilled.
             self._metrics.prompt_tokens.inc(out.prompt_tokens)
+            self._metrics.cache_queries.inc(out.prompt_tokens)
+            self._metrics.cache_hits.inc(out.cached_tokens)
         self._latest = now
         self._tokens += 1
         self._metrics.generation_tokens.inc()

@@ -64,6 +64,7 @@ class _Choice:
     prompt_ids: list[int]
     sampling: SamplingParams
     images: Optional[PreparedImages] = None  # each choice takes its own references to them
+    prompt: int = 0  # the index of its prompt in the request (completions take several)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class OpenAIApi:
             for j, sampling in enumerate(samplings):
                 # OpenAI's numbering: the choices of prompt p are p*n .. p*n + n-1.
                 info = ChoiceInfo(index=p * len(samplings) + j, logprobs=logprobs, echo=echo)
-                choices.append(_Choice(info, ids, sampling))
+                choices.append(_Choice(info, ids, sampling, prompt=p))
             prompt_tokens += len(ids)
         return _Prepared(CompletionFormat(), choices, prompt_tokens, bool(body.stream), body.include_usage, logprobs)
 
@@ -194,10 +195,11 @@ class OpenAIApi:
         choices = [prep.fmt.full_choice(c.info, choice_outs, [next(tops) for _ in choice_outs])
                    for c, choice_outs in zip(prep.choices, outs)]
         completion_tokens = sum(_completion_tokens(o) for o in outs)
+        cached = _cached_tokens(prep.choices, [o[-1].cached_tokens if o else 0 for o in outs])
         return JSONResponse({
             **_header(prep.fmt, prep.fmt.object_full, self.model_name),
             "choices": choices,
-            "usage": usage(prep.prompt_tokens, completion_tokens),
+            "usage": usage(prep.prompt_tokens, completion_tokens, cached),
         })
 
     async def _collect(self, choices: list[_Choice]) -> list[list[TextOut]]:
@@ -222,6 +224,7 @@ class OpenAIApi:
 
         offsets = [len(c.info.echo) for c in prep.choices]
         completion_tokens = [0] * len(prep.choices)
+        cached_tokens = [0] * len(prep.choices)
         try:
             for c in prep.choices:
                 opening = prep.fmt.opening(c.info)
@@ -234,6 +237,7 @@ class OpenAIApi:
                         yield sse_event(openai_error_body(generation_error(failure)))
                         break
                     completion_tokens[i] = out.completion_tokens or completion_tokens[i] + 1
+                    cached_tokens[i] = out.cached_tokens
                     tops = (await self._top_texts([out]))[0] if prep.logprobs else []
                     piece = prep.fmt.delta(prep.choices[i].info, out, tops, offsets[i])
                     offsets[i] += len(out.text)
@@ -241,7 +245,8 @@ class OpenAIApi:
                         yield chunk([piece])
                 else:  # every choice ended normally
                     if prep.include_usage:
-                        yield chunk([], usage(prep.prompt_tokens, sum(completion_tokens)))
+                        yield chunk([], usage(prep.prompt_tokens, sum(completion_tokens),
+                                              _cached_tokens(prep.choices, cached_tokens)))
         except ServerUnavailable as exc:
             yield sse_event(openai_error_body(unavailable(str(exc))))
         except ApiError as exc:  # the image cache had no room (429) after the headers went out
@@ -296,3 +301,12 @@ def _header(fmt: _Format, obj: str, model: str) -> dict[str, Any]:
 def _completion_tokens(outs: list[TextOut]) -> int:
     # The server's count is authoritative; the number of outputs is the fallback.
     return outs[-1].completion_tokens or len(outs)
+
+
+def _cached_tokens(choices: list[_Choice], per_choice: list[int]) -> int:
+    """`usage.prompt_tokens_details.cached_tokens`: like `prompt_tokens`, each prompt once; a
+    prompt's `n` choices are requests of their own, and the fewest cached tokens among them count."""
+    fewest: dict[int, int] = {}
+    for choice, cached in zip(choices, per_choice):
+        fewest[choice.prompt] = min(cached, fewest.get(choice.prompt, cached))
+    return sum(fewest.values())

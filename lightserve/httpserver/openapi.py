@@ -295,8 +295,12 @@ def _paths(keyed: bool) -> Schema:
     health["get"]["responses"].pop("401", None)
     model = get("one model card", {"description": "the card", "content": _json("ModelCard")}, (404,), "OpenAIError")
     model["get"]["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": _STRING}]
+    flush = {"post": get("drop every prefix-cache entry no running request uses",
+                         {"description": "done before the next step",
+                          "content": {"application/json": {"schema": {"type": "object"}}}}, (503,))["get"]}
     return {
         "/health": health,
+        "/flush_cache": flush,
         "/metrics": get("Prometheus metrics", {"description": "text exposition format",
                                                "content": {"text/plain": {"schema": _STRING}}}),
         "/openapi.json": get("this document", {"description": "OpenAPI 3.1",
