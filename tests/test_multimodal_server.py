@@ -138,6 +138,22 @@ def test_five_distinct_images_through_a_cache_of_two_all_answer(server, hf_llava
     assert metric(server, "lightserve_image_cache_records") <= 2
 
 
+def test_the_same_text_with_another_image_reuses_only_the_text_before_it(server, hf_llava):
+    """The prefix cache keys image positions by the image's md5: a second image shares only the
+    tokens before it, and both answers are transformers'; the first image's prompt stays cached."""
+    a, b = random_image(30, 48, 48), random_image(31, 48, 48)
+    prompt_ids, expected_a = hf_generate(hf_llava, PROMPT, [a], NEW_TOKENS)
+    expected_b = hf_generate(hf_llava, PROMPT, [b], NEW_TOKENS)[1]
+    image_start = prompt_ids.index(hf_llava[1].tokenizer.convert_tokens_to_ids("<image>"))
+    assert generated_ids(server, PROMPT, [a]) == expected_a
+    hits = metric(server, "lightserve_prefix_cache_hits_total")
+    assert generated_ids(server, PROMPT, [b]) == expected_b
+    assert metric(server, "lightserve_prefix_cache_hits_total") - hits == image_start
+    hits = metric(server, "lightserve_prefix_cache_hits_total")
+    assert generated_ids(server, PROMPT, [a]) == expected_a
+    assert metric(server, "lightserve_prefix_cache_hits_total") - hits == len(prompt_ids) - 1
+
+
 def test_openai_chat_with_an_image_url_answers_the_same_tokens(server, hf_llava):
     image = random_image(4, 48, 40)
     tokenizer = hf_llava[1].tokenizer

@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 import torch.multiprocessing as tmp
+from prometheus_client.parser import text_string_to_metric_families
 
 from lightserve import LLM, SamplingParams
 from lightserve.backend.engine import ModelEngine
@@ -102,10 +103,15 @@ def test_smollm2_tp2_server_token_exact_with_tp1(smollm2_dir):
     del llm
     with ServerProcess(smollm2_dir, "--tp", "2", "--data_type", "float32", "--max_total_token_num", "2048",
                        "--max_req_total_len", "512", "--log_level", "warning") as server:
-        for prompt, exp in zip(prompts, expected):
+        # The prompts share the chat template's system prompt, and the first comes back at the end
+        # whole: both ranks serve it from their prefix caches, which must stay identical.
+        for prompt, exp in zip(prompts + prompts[:1], expected + expected[:1]):
             body = _generate(server.url, prompt, 24)
             assert [t["id"] for t in body["details"]["tokens"]] == exp.outputs[0].token_ids
             assert body["generated_text"] == exp.outputs[0].text
+        hits = next(s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+                    for s in f.samples if s.name == "lightserve_prefix_cache_hits_total")
+        assert hits >= len(expected[0].prompt_token_ids) - 1 + 2 * 20  # the repeat, and the system prompt twice
 
 
 def test_two_nodes_on_loopback_serve_a_request(tiny_served_model, tiny_llm_expected):
