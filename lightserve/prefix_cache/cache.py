@@ -104,7 +104,8 @@ class PrefixCache(Generic[S]):
         return self.tree.protected_tokens
 
     def probe(self, key: Sequence[Hashable], limit: int) -> tuple[int, int]:
-        """Read-only: (how many of `key[:limit]` a `lock` would hit, how many of those are unlocked now)."""
+        """Read-only: (how many of `key[:limit]` a `lock` would hit, how many of those fewer than
+        two locks protect now: see `RadixTree.probe`)."""
         if not self.enabled or limit <= 0:
             return 0, 0
         return self.tree.probe(key[:limit])
@@ -128,6 +129,10 @@ class PrefixCache(Generic[S]):
         match = self.tree.match_prefix(key[:limit])
         self.tree.inc_ref(match.node)
         return Hold(match.length, match.node), (self._concat(match.values) if match.length else None)
+
+    def sole_tokens(self, hold: Hold) -> int:
+        """The tokens of `hold` that no other lock protects (evictable once it is unlocked)."""
+        return self.tree.sole_locked_len(hold.node) if hold.node is not None else 0
 
     def unlock(self, hold: Hold) -> None:
         if hold.node is not None:

@@ -123,22 +123,24 @@ class RadixTree:
         return pos
 
     def probe(self, key: Sequence[Hashable]) -> tuple[int, int]:
-        """Read-only: (the `match_len` of `key`, how many of those matched tokens no lock protects).
+        """Read-only: (the `match_len` of `key`, how many of those matched tokens fewer than two
+        locks protect).
 
-        The second figure is what locking the match would move from evictable to protected, which
-        admission must count as taken.
+        The second figure is what a new lock on the match would newly keep beyond its current
+        lockers' lives: tokens nobody locks (evictable until then) and tokens one other request
+        locks alone (free once it ends). Admission counts them as taken (see `ReqQueue`).
         """
         key = tuple(key)
-        node, pos, unlocked = self.root, 0, 0
+        node, pos, unshared = self.root, 0, 0
         while pos < len(key) and (child := node.children.get(key[pos])) is not None:
             common = _common_len(child.key, key, pos)
             pos += common
-            if child.ref_count == 0:
-                unlocked += common
+            if child.ref_count < 2:
+                unshared += common
             if common < len(child.key):
                 break
             node = child
-        return pos, unlocked
+        return pos, unshared
 
     def insert(self, key: Sequence[Hashable], value: Slots, now: Optional[int] = None) -> int:
         """Cache `value` as the slots of `key`; return how many leading positions were already cached.
@@ -180,6 +182,16 @@ class RadixTree:
                 self._protected -= len(node.key)
                 self._evictable += len(node.key)
             node = node.parent
+
+    def sole_locked_len(self, node: Node) -> int:
+        """Of the tokens from the root to `node` (a locked handle), how many only this one lock
+        protects: unlocking it would make them evictable. Counts fall toward the leaves, so these
+        are the nodes from `node` up to the first one another lock passes through."""
+        n = 0
+        while node is not self.root and node.ref_count == 1:
+            n += len(node.key)
+            node = node.parent
+        return n
 
     def evict(self, n_tokens: int) -> list[Slots]:
         """Free at least `n_tokens` tokens (or every evictable one), least recently used leaves first.

@@ -64,8 +64,8 @@ class RunningReqInfo:
     """What admission needs to know about one request of the running batch."""
 
     req_id: int  # ids grow with arrival (one counter in the httpserver): higher = newer
-    # KV slots held once its prompt is in: prompt + tokens generated so far, less the tokens it
-    # holds locked in the prefix cache (those count once, among the cache's protected tokens)
+    # KV slots held once its prompt is in: prompt + tokens generated so far, less the cached tokens
+    # it shares with other running requests (those count once, among the cache's protected tokens)
     held_tokens: int
     max_new_tokens: int
     generated: int
@@ -73,6 +73,9 @@ class RunningReqInfo:
     # False while part of its prompt is still to be computed after the coming step (chunked
     # prefill): it does not yet generate one token per step like the others (see `ReqQueue`).
     in_lockstep: bool = True
+    # Of `held_tokens`, cached tokens only this request locks: free (evictable) once it ends, so
+    # they are its own like its uncached ones, and not counted again among the protected tokens.
+    locked_alone: int = 0
 
 
 @dataclass(slots=True)
@@ -120,19 +123,23 @@ class ReqQueue:
     admission keeps it within the pool, so conservative mode still never pauses and never runs
     out, chunked or not.
 
-    The prefix cache and the promise. Cached tokens that a running request locks are shared:
-    they count once, as the cache's protected tokens P, and not in any request's `held`. Cached
-    tokens nobody locks can be evicted whenever a step needs room: they count as free. A waiting
-    request that hits h cached tokens computes and holds only `held - h`, and locking its hit
-    turns the unlocked part of it (u tokens) from evictable to protected. So
+    The prefix cache and the promise. Cached tokens nobody locks can be evicted whenever a step
+    needs room: they count as free. Cached tokens one running request locks alone become
+    evictable when it ends, like its uncached tokens: both count in its `held` (the part cached:
+    `locked_alone`). Cached tokens that two or more running requests lock count once, as S (the
+    cache's protected tokens less every `locked_alone`), and S is counted as taken for as long as
+    the bound looks ahead. A waiting request that hits h cached tokens computes and holds only
+    `held - h`; of its hit, the u tokens that fewer than two locks protect now (nobody's, or one
+    running request's alone) are kept by its lock beyond their current lockers, so it adds u to
+    the reserved tokens. Hence
 
-        demand <= peak_kv_demand(lockstep) + sum(held + left of the others) + P + sum(u)
+        demand <= peak_kv_demand(lockstep) + sum(held + left of the others) + S + sum(u)
 
     over the running batch and the admitted candidates. It holds for the future: without new
-    admissions nothing new gets locked except tokens that a running request computes itself and
-    hands to the cache (already counted in its `held`, and evictable once it finishes), so
-    protected tokens beyond those never exceed P. Two candidates that hit the same unlocked
-    tokens count them twice, which only errs on the safe side.
+    admissions, a token that becomes locked is one that a running request computed itself (in
+    its `held` until it ends), and a token that goes from one locker to two was in S or in a
+    `held` that lasts as long as one of its lockers, or in some u. Two candidates that hit the
+    same tokens count them twice, which only errs on the safe side.
     """
 
     def __init__(
@@ -264,13 +271,13 @@ class ReqQueue:
         held, left = held_all[lockstep], left_all[lockstep]
         reserved = int((held_all[~lockstep] + left_all[~lockstep]).sum())  # counted at their most
         if cache is not None:
-            reserved += cache.protected_tokens
+            reserved += cache.protected_tokens - sum(r.locked_alone for r in running)
         admitted: list[GenerateReq] = []
         prefill_tokens = 0
         for w in self._waiting:
             if len(admitted) == room:
                 break
-            hit, unlocked = cache.probe_request(w.req) if cache is not None else (0, 0)
+            hit, unshared = cache.probe_request(w.req) if cache is not None else (0, 0)
             own = w.held - hit  # the tokens it computes and holds itself
             if prefill_budget is None:
                 if admitted and prefill_tokens + own > self.batch_max_tokens:
@@ -288,9 +295,9 @@ class ReqQueue:
                 guess,
             )
             if joins_lockstep:
-                cand_held, cand_left, cand_reserved = np.append(held, own), np.append(left, w_left), reserved + unlocked
+                cand_held, cand_left, cand_reserved = np.append(held, own), np.append(left, w_left), reserved + unshared
             else:
-                cand_held, cand_left, cand_reserved = held, left, reserved + unlocked + own + int(w_left[0])
+                cand_held, cand_left, cand_reserved = held, left, reserved + unshared + own + int(w_left[0])
             if peak_kv_demand(cand_held, cand_left) + cand_reserved > self.max_total_token_num:
                 break
             held, left, reserved = cand_held, cand_left, cand_reserved

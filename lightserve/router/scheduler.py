@@ -70,11 +70,13 @@ class RunningReq:
         """The cache key of its first `n` tokens (prompt, then output)."""
         return (self.prompt_key + self.output_ids)[:n]
 
-    def info(self, in_lockstep: bool) -> RunningReqInfo:
-        # Tokens in the cache under its lock count among the cache's protected tokens instead.
+    def info(self, in_lockstep: bool, locked_alone: int) -> RunningReqInfo:
+        # Cached tokens it shares with other running requests count among the cache's protected
+        # tokens instead; those only it locks (`locked_alone`) are as good as its own.
         return RunningReqInfo(
             req_id=self.req.req_id,
-            held_tokens=self.num_tokens - self.hold.length,
+            held_tokens=self.num_tokens - self.hold.length + locked_alone,
+            locked_alone=locked_alone,
             max_new_tokens=self.req.sampling.max_new_tokens,
             generated=len(self.output_ids),
             ignore_eos=self.req.sampling.ignore_eos,
@@ -229,7 +231,8 @@ class Scheduler:
                 budget -= n
 
     def _infos(self, finishing: set[int]) -> list[RunningReqInfo]:
-        return [r.info(in_lockstep=r.decoding or r.req.req_id in finishing) for r in self.running.values()]
+        return [r.info(r.decoding or r.req.req_id in finishing, self.cache.sole_tokens(r.hold))
+                for r in self.running.values()]
 
     def _start(self, plan: StepPlan, new: list[GenerateReq]) -> None:
         now = time.time()
