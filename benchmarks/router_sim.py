@@ -17,7 +17,13 @@ Four policies share one KV budget and one cost model, and the step scheduler run
   driving `SimulatedRanks`, which counts KV slots and raises on the first step that would exceed
   the budget. Each step computes every decode row plus prompt chunks within N tokens; a prompt
   still being computed in chunks is counted at prompt + max_new_tokens until it completes (see
-  `ReqQueue`), which keeps the no-pause, no-exhaustion promise.
+  `ReqQueue`), which keeps the no-pause, no-exhaustion promise. Its prefix cache is on; the
+  `er-steps-N-nocache` row runs the same with `--disable_prefix_cache`.
+
+Prefix sharing (`--shared-prefix-len L --shared-prefix-groups G`): every prompt starts with one
+of G system prompts of L tokens (round-robin) and adds `--prompt-min`..`--prompt-max` tokens of
+its own. Only the step rows model the prefix cache (a cached prefix is neither computed nor held
+twice); the four policy rows compute and hold every prompt token as before.
 
 Cost model (time unit: ms; defaults sized like a 7B model on one A100, stated, not measured):
 a prefill pass costs `a + c * prefill_tokens`, a decode pass `a + b * batch + d * kv_tokens`
@@ -29,6 +35,7 @@ wait (the router's `router_max_wait_tokens`), the same cadence for every policy.
 
     python benchmarks/router_sim.py                      # burst: all requests at t=0
     python benchmarks/router_sim.py --rate 40 --json out.json
+    python benchmarks/router_sim.py --shared-prefix-len 1024 --shared-prefix-groups 4
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class SimReq:
     prompt: int
     output: int  # tokens it really generates before its EOS
     max_new: int
+    tokens: list[int]  # the prompt's ids (only the prefix cache of the step rows looks at them)
     generated: int = 0
     finish: float = math.nan
 
@@ -229,6 +237,7 @@ class Result:
     throughput_tok_s: float = 0.0  # generated tokens (each counted once) per simulated second
     mean_batch: float = 0.0
     mean_kv_occupancy_pct: float = 0.0  # tokens actually held / budget, averaged over decode steps
+    prefill_tokens: int = 0  # prompt tokens computed (cache hits are not)
     pauses: int = 0  # pauses (er-optimistic) or preemptions (paged)
     kv_exhaustion_events: int = 0  # decode steps that found the KV short
     recomputed_tokens: int = 0
@@ -256,6 +265,7 @@ def simulate(name: str, policy: Policy, reqs: list[SimReq], limits: Limits, cost
             if new:
                 now += cost.prefill(sum(r.held for r in new))
                 res.prefill_passes += 1
+                res.prefill_tokens += sum(r.held for r in new)
                 res.recomputed_tokens += sum(r.generated for r in new)
                 running += new
         assert running, "the head of the queue must fit into an empty batch"
@@ -290,14 +300,15 @@ def simulate(name: str, policy: Policy, reqs: list[SimReq], limits: Limits, cost
 
 
 def simulate_steps(name: str, reqs: list[SimReq], limits: Limits, cost: Cost, admit_every: int,
-                   chunked_prefill_size: int) -> Result:
+                   chunked_prefill_size: int, prefix_cache: bool = True) -> Result:
     """The real `Scheduler` (token budget per step, decode rows and prompt chunks in one pass)
     against `SimulatedRanks`, which raises if a step ever needs more KV than the budget. A step
-    costs `a + b * decode_rows + c * chunk_tokens + d * kv_tokens`."""
+    costs `a + b * decode_rows + c * chunk_tokens + d * kv_tokens`, where the KV read is that of
+    the running requests (cached tokens nobody uses are not read)."""
     res = Result(name)
-    ranks = SimulatedRanks(limits.budget, {r.req_id: r.output for r in reqs}.__getitem__)
+    ranks = SimulatedRanks(limits.budget, {r.req_id: r.output for r in reqs}.__getitem__, prefix_cache)
     queue = ReqQueue(limits.budget, limits.max_reqs, limits.batch_max_tokens, chunked=chunked_prefill_size > 0)
-    scheduler = Scheduler(queue, ranks, limits.budget, chunked_prefill_size, admit_every)
+    scheduler = Scheduler(queue, ranks, limits.budget, chunked_prefill_size, admit_every, prefix_cache)
     pending = deque(sorted(reqs, key=lambda r: (r.arrival, r.req_id)))
     by_id = {r.req_id: r for r in reqs}
     now = 0.0
@@ -305,15 +316,17 @@ def simulate_steps(name: str, reqs: list[SimReq], limits: Limits, cost: Cost, ad
     while finished < len(reqs):
         while pending and pending[0].arrival <= now:
             r = pending.popleft()
-            scheduler.add(GenerateReq(r.req_id, [0] * r.prompt, SamplingParams(max_new_tokens=r.max_new)))
+            scheduler.add(GenerateReq(r.req_id, r.tokens, SamplingParams(max_new_tokens=r.max_new)))
         if not scheduler.has_work:
             now = pending[0].arrival
             continue
         outs = scheduler.step()
         decode_rows, chunk_tokens = ranks.decode_rows[-1], ranks.step_tokens[-1] - ranks.decode_rows[-1]
-        now += cost.a + cost.b * decode_rows + cost.c * chunk_tokens + cost.d * ranks.used
+        kv_read = sum(len(r.slots) for r in ranks.reqs.values())
+        now += cost.a + cost.b * decode_rows + cost.c * chunk_tokens + cost.d * kv_read
         res.steps += 1
         res.prefill_passes += chunk_tokens > 0
+        res.prefill_tokens += chunk_tokens
         kv_sum += ranks.used
         for out in outs:
             if out.finish_reason is not None:
@@ -338,10 +351,13 @@ def make_workload(args: argparse.Namespace) -> list[SimReq]:
         arrivals = np.cumsum(rng.exponential(1000.0 / args.rate, args.num_requests))
     else:
         arrivals = np.zeros(args.num_requests)
-    return [
-        SimReq(i, float(t), int(p), int(o), args.max_new_tokens)
-        for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs))
-    ]
+    # Token ids from a large vocabulary: prompts share nothing by chance, only the system prompts.
+    systems = [rng.integers(1, 50_000, args.shared_prefix_len).tolist() for _ in range(args.shared_prefix_groups)]
+    reqs = []
+    for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs)):
+        tokens = systems[i % len(systems)] + rng.integers(1, 50_000, int(p)).tolist()
+        reqs.append(SimReq(i, float(t), len(tokens), int(o), args.max_new_tokens, tokens))
+    return reqs
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -365,11 +381,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--chunked-prefill-sizes", default="512",
                    help="budgets of the step-scheduler rows (er-steps-N: the real Scheduler, conservative); "
                         "0: whole prompts in steps of their own")
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="tokens of the system prompt every prompt starts with (0: no sharing)")
+    p.add_argument("--shared-prefix-groups", type=int, default=1, help="distinct system prompts, round-robin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.max_new_tokens < args.output_max:
         p.error("--max-new-tokens must be >= --output-max (a request never generates more than it asks for)")
+    if args.shared_prefix_len < 0 or args.shared_prefix_groups < 1:
+        p.error("--shared-prefix-len must be >= 0 and --shared-prefix-groups >= 1")
     if not 0.0 < args.token_ratio <= 1.0:
         p.error("--token-ratio must be in (0, 1] (0 would make er-optimistic conservative)")
     return args
@@ -395,23 +416,27 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     for name, make in policies.items():
         results.append(simulate(name, make(), make_workload(args), limits, cost, args.admit_every))
     for size in (int(x) for x in args.chunked_prefill_sizes.split(",") if x.strip()):
-        results.append(simulate_steps(f"er-steps-{size}", make_workload(args), limits, cost, args.admit_every, size))
+        for cache in (True, False):
+            results.append(simulate_steps(f"er-steps-{size}" + ("" if cache else "-nocache"), make_workload(args),
+                                          limits, cost, args.admit_every, size, cache))
     wall = time.perf_counter() - started
 
     arrival = f"Poisson {args.rate:g} req/s" if args.rate > 0 else "all at t=0"
+    shared = (f"shared prefixes {args.shared_prefix_groups} x {args.shared_prefix_len} tokens + "
+              if args.shared_prefix_len else "")
     print(
-        f"{args.num_requests} requests ({arrival}), prompts {args.prompt_min}-{args.prompt_max}, outputs "
+        f"{args.num_requests} requests ({arrival}), prompts {shared}{args.prompt_min}-{args.prompt_max}, outputs "
         f"{args.output_min}-{args.output_max}, max_new_tokens {args.max_new_tokens}, KV budget {args.kv_budget}, "
         f"seed {args.seed}; cost a,b,c,d = {', '.join(f'{x:g}' for x in args.cost)} ms"
     )
-    head = f"{'policy':<16}{'batch':>7}{'KV occ %':>9}{'pauses':>8}{'KV short':>9}{'recomp tok':>11}" \
-           f"{'tok/s':>9}{'steps':>7}{'lat s':>7}{'p99 s':>7}"
+    head = f"{'policy':<22}{'batch':>7}{'KV occ %':>9}{'pauses':>8}{'KV short':>9}{'recomp tok':>11}" \
+           f"{'prefill tok':>12}{'tok/s':>9}{'steps':>7}{'lat s':>7}{'p99 s':>7}"
     print(head)
     print("-" * len(head))
     for r in results:
         print(
-            f"{r.policy:<16}{r.mean_batch:>7.1f}{r.mean_kv_occupancy_pct:>9.1f}{r.pauses:>8}{r.kv_exhaustion_events:>9}"
-            f"{r.recomputed_tokens:>11}{r.throughput_tok_s:>9.0f}{r.steps:>7}{r.mean_latency_s:>7.2f}{r.p99_latency_s:>7.2f}"
+            f"{r.policy:<22}{r.mean_batch:>7.1f}{r.mean_kv_occupancy_pct:>9.1f}{r.pauses:>8}{r.kv_exhaustion_events:>9}"
+            f"{r.recomputed_tokens:>11}{r.prefill_tokens:>12}{r.throughput_tok_s:>9.0f}{r.steps:>7}{r.mean_latency_s:>7.2f}{r.p99_latency_s:>7.2f}"
         )
     print(f"(simulated in {wall:.1f} s)")
     if args.json:
