@@ -242,7 +242,7 @@ class Scheduler:
                                                   prompt_key=cache_key(req.prompt_ids, req.images))
             plan.cached.append(hold.length)
             self._queue_times.append(now - req.arrival_time)
-            if not req.output_ids:  # a first admission, not a resume after a pause
+            if self.cache.enabled and not req.output_ids:  # a first admission, not a resume after a pause
                 self.cache_queried_tokens += len(req.prompt_ids)
                 self.cache_hit_tokens += hold.length
         plan.new_reqs = new
