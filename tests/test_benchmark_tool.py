@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lightserve.benchmark.cli import main
-from lightserve.benchmark.client import LoadResult, RequestRecord, arrival_offsets, run_conversations, run_load
+from lightserve.benchmark.cli import main, served_model
+from lightserve.benchmark.client import Api, LoadResult, RequestRecord, arrival_offsets, run_conversations, run_load
 from lightserve.benchmark.hf_baseline import fifo_batches, left_pad, run_hf_baseline
 from lightserve.benchmark.report import workload_summary, write_json
 from lightserve.benchmark.stats import inter_token_latencies, percentile, summarize, tpot, ttft
@@ -321,6 +321,21 @@ def test_client_and_cli_against_the_server(tiny_served_model, tmp_path):
             assert turns[0].prompt_len < turns[1].prompt_len < turns[2].prompt_len
             assert turns[0].end <= turns[1].start and turns[1].end <= turns[2].start  # one after another
         assert _max_overlap(chat_result.records) == 1  # the cap holds a conversation's slot through its turns
+
+        # The OpenAI route, as vLLM and llama.cpp's server are driven: token-id prompts, the same lengths.
+        api = Api("openai", served_model(server.url))
+        openai_result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False, api=api))
+        for req, rec in zip(requests, openai_result.records):
+            assert rec.ok, rec.error
+            assert (rec.server_prompt_len, rec.generated) == (req.prompt_len, req.output_len)
+            assert rec.finish_reason == "length" and rec.generated_text
+        openai_out = tmp_path / "openai.json"
+        rc = main(["--backend", "openai", "--base-url", server.url, "--tokenizer", str(tiny_served_model),
+                   "--num-requests", "4", "--multi-turn", "2", "--prompt-len", "4:8", "--output-len", "2:4",
+                   "--no-progress", "--output-json", str(openai_out)])
+        assert rc == 0
+        run = json.loads(openai_out.read_text())["runs"][0]
+        assert run["completed"] == 4 and run["prompt_len_mismatches"] == 0
 
         out = tmp_path / "bench.json"
         rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "6",

@@ -10,9 +10,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
+import httpx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lightserve.benchmark.client import run_conversations, warm_up
+from lightserve.benchmark.client import Api, run_conversations, warm_up
 from lightserve.benchmark.hf_baseline import DTYPES, HFResult, run_hf_baseline
 from lightserve.benchmark.launch import LaunchedServer
 from lightserve.benchmark.plot import write_plot
@@ -36,6 +37,9 @@ examples:
   # for a prefix cache: 4 system prompts of 1024 tokens, each request's own 32-128 tokens after one
   python -m lightserve.benchmark --url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
       --shared-prefix-len 1024 --shared-prefix-groups 4 --prompt-len 32:128
+  # any OpenAI-compatible server (vLLM, llama.cpp's), token-id prompts through /v1/completions
+  python -m lightserve.benchmark --backend openai --base-url http://127.0.0.1:8100 --tokenizer MODEL_DIR \
+      --shared-prefix-len 1024 --shared-prefix-groups 4 --prompt-len 32:128
   # 64 chats of 4 turns (256 requests), 16 at a time, each turn's prompt = the previous prompt + answer + message
   python -m lightserve.benchmark --url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
       --multi-turn 4 --num-requests 256 --prompt-len 32:128 --max-concurrency 16
@@ -54,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Serving benchmark of lightserve over HTTP, optionally beside transformers.")
     server = p.add_argument_group("server")
-    server.add_argument("--url", default=None, help="a running server (default http://127.0.0.1:8000 without --launch)")
+    server.add_argument("--url", "--base-url", default=None,
+                        help="a running server (default http://127.0.0.1:8000 without --launch)")
+    server.add_argument("--backend", choices=("tgi", "openai"), default="tgi",
+                        help="the API to drive: lightserve's /generate_stream (tgi), or /v1/completions of any "
+                             "OpenAI-compatible server such as vLLM or llama.cpp's (openai, token-id prompts)")
+    server.add_argument("--model", default=None,
+                        help="the OpenAI `model` field (default: the first id of the server's /v1/models)")
     server.add_argument("--launch", metavar="MODEL_DIR", default=None,
                         help="start `python -m lightserve.api_server` on this model for the run and stop it after")
     server.add_argument("--server-args", default="", help="extra flags for the launched server, one quoted string")
@@ -154,14 +164,22 @@ def run_server_side(args: argparse.Namespace, workload: list[Conversation],
         url = launched.url if launched else (args.url or "http://127.0.0.1:8000").rstrip("/")
         if launched:
             print(f"server started at {url} (log: {launched.log_path})")
-        asyncio.run(warm_up(url, warm_up_request(tokenizer, workload[0].first, args.seed), args.ignore_eos))
+        api = Api(args.backend, (args.model or served_model(url)) if args.backend == "openai" else "")
+        asyncio.run(warm_up(url, warm_up_request(tokenizer, workload[0].first, args.seed), args.ignore_eos, api))
         summaries = []
         for rate in args.request_rate:
             result = asyncio.run(run_conversations(url, workload, tokenizer, rate, args.max_concurrency,
-                                                   args.ignore_eos, args.seed, progress=not args.no_progress))
+                                                   args.ignore_eos, args.seed, progress=not args.no_progress, api=api))
             summaries.append(summarize(result))
             print(format_run(summaries[-1]), flush=True)
     return summaries
+
+
+def served_model(url: str) -> str:
+    """The first model id an OpenAI-compatible server lists."""
+    r = httpx.get(url + "/v1/models", timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
 
 
 def run_baseline(args: argparse.Namespace, workload: list[Conversation]) -> Optional[HFResult]:

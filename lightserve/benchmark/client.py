@@ -1,4 +1,5 @@
-"""The HTTP load generator: sends the workload to `POST /generate_stream` and timestamps every token.
+"""The HTTP load generator: sends the workload to `POST /generate_stream` (lightserve, TGI) or to
+`POST /v1/completions` of any OpenAI-compatible server (`Api`), and timestamps every token.
 
 Requests arrive as a Poisson process at `request_rate` (all at once when the rate is infinite),
 optionally capped at `max_concurrency` requests in flight. A multi-turn workload is driven the same
@@ -19,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import httpx
 from tqdm import tqdm
@@ -36,7 +37,10 @@ class RequestRecord:
     prompt_len: int  # tokens incl. special ones; for a later turn of a conversation, counted after the run
     output_len: int  # requested max_new_tokens
     start: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # one per token event, in order
+    # One per token event, in order. An OpenAI stream may carry several tokens in one event (a
+    # token whose text is held back rides with the next), so its count comes from `usage`.
+    token_times: list[float] = field(default_factory=list)
+    server_output_len: Optional[int] = None  # `usage.completion_tokens` of an OpenAI stream
     end: float = 0.0
     server_prompt_len: Optional[int] = None  # `details.input_length` of the last event
     finish_reason: Optional[str] = None
@@ -49,7 +53,7 @@ class RequestRecord:
 
     @property
     def generated(self) -> int:
-        return len(self.token_times)
+        return self.server_output_len if self.server_output_len is not None else len(self.token_times)
 
 
 @dataclass
@@ -82,37 +86,73 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
     return offsets
 
 
-def request_body(prompt: str, output_len: int, ignore_eos: bool) -> dict:
-    """Greedy decoding, as the transformers baseline does; `ignore_eos` pins the output length."""
-    return {"inputs": prompt,
-            "parameters": {"max_new_tokens": output_len, "ignore_eos": ignore_eos, "do_sample": False}}
+Prompt = Union[str, list[int]]
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, record: RequestRecord, prompt: str,
-                     ignore_eos: bool) -> RequestRecord:
+@dataclass(frozen=True)
+class Api:
+    """The HTTP API the load goes to. `tgi`: lightserve's `/generate_stream`, text prompts. `openai`:
+    `/v1/completions` streaming with token-id prompts where the workload has them (first turns), so
+    every server sees the same prompt tokens; vLLM and llama.cpp's server take them, and
+    `ignore_eos`, as lightserve does."""
+
+    kind: str = "tgi"  # "tgi" | "openai"
+    model: str = ""  # the OpenAI `model` field
+
+    @property
+    def path(self) -> str:
+        return "/generate_stream" if self.kind == "tgi" else "/v1/completions"
+
+    def prompt(self, req: BenchRequest) -> Prompt:
+        return list(req.prompt_ids) if self.kind == "openai" else req.prompt
+
+    def body(self, prompt: Prompt, output_len: int, ignore_eos: bool) -> dict:
+        """Greedy decoding, as the transformers baseline does; `ignore_eos` pins the output length."""
+        if self.kind == "tgi":
+            return {"inputs": prompt,
+                    "parameters": {"max_new_tokens": output_len, "ignore_eos": ignore_eos, "do_sample": False}}
+        return {"model": self.model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+                "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+
+    def read(self, event: dict, record: RequestRecord, now: float) -> None:
+        """Fold one `data:` event into `record`: a token's timestamp, the end, or an error."""
+        if "error" in event:
+            error = event["error"]
+            record.error = (f"{event.get('error_type', 'error')}: {error}" if isinstance(error, str)
+                            else f"{error.get('type', 'error')}: {error.get('message')}")
+        elif self.kind == "tgi":
+            record.token_times.append(now)
+            if details := event.get("details"):
+                record.finish_reason = details.get("finish_reason")
+                record.server_prompt_len = details.get("input_length")
+                record.generated_text = event.get("generated_text")
+        elif event.get("choices"):  # one token per event; the last event carries only `usage`
+            choice = event["choices"][0]
+            record.token_times.append(now)
+            record.generated_text = (record.generated_text or "") + choice.get("text", "")
+            record.finish_reason = choice.get("finish_reason") or record.finish_reason
+        elif usage := event.get("usage"):
+            record.server_prompt_len = usage.get("prompt_tokens")
+            record.server_output_len = usage.get("completion_tokens")
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, record: RequestRecord, prompt: Prompt,
+                     ignore_eos: bool, api: Api = Api()) -> RequestRecord:
     """Send `prompt` as a streaming request for `record` (index and lengths set) and timestamp each
     `data:` event as it is read."""
     record.start = time.perf_counter()
     try:
-        body = request_body(prompt, record.output_len, ignore_eos)
-        async with client.stream("POST", url + "/generate_stream", json=body) as response:
+        body = api.body(prompt, record.output_len, ignore_eos)
+        async with client.stream("POST", url + api.path, json=body) as response:
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
                 return record
             async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
-                now = time.perf_counter()
-                event = json.loads(line[5:])
-                if "error" in event:
-                    record.error = f"{event.get('error_type', 'error')}: {event['error']}"
+                api.read(json.loads(line[5:]), record, time.perf_counter())
+                if record.error is not None:
                     break
-                record.token_times.append(now)
-                details = event.get("details")
-                if details:
-                    record.finish_reason = details.get("finish_reason")
-                    record.server_prompt_len = details.get("input_length")
-                    record.generated_text = event.get("generated_text")
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -123,17 +163,17 @@ async def stream_one(client: httpx.AsyncClient, url: str, record: RequestRecord,
 
 
 async def run_load(url: str, requests: Sequence[BenchRequest], request_rate: float, max_concurrency: Optional[int],
-                   ignore_eos: bool = True, seed: int = 0, progress: bool = True) -> LoadResult:
+                   ignore_eos: bool = True, seed: int = 0, progress: bool = True, api: Api = Api()) -> LoadResult:
     """Drive a workload of independent requests once against the server at `url` and return what
     was observed."""
     return await run_conversations(url, [Conversation(r) for r in requests], None, request_rate, max_concurrency,
-                                   ignore_eos, seed, progress)
+                                   ignore_eos, seed, progress, api)
 
 
 async def run_conversations(url: str, conversations: Sequence[Conversation],
                             tokenizer: Optional[PreTrainedTokenizerBase], request_rate: float,
                             max_concurrency: Optional[int], ignore_eos: bool = True, seed: int = 0,
-                            progress: bool = True) -> LoadResult:
+                            progress: bool = True, api: Api = Api()) -> LoadResult:
     """Drive a workload of conversations once; their first turns arrive as the requests of
     `run_load` do. A conversation holds its `max_concurrency` slot through all its turns, so the cap
     bounds the conversations in progress (whose prefixes a cache has to keep) as well as the
@@ -156,7 +196,7 @@ async def run_conversations(url: str, conversations: Sequence[Conversation],
         async def one(number: int, first_index: int, conversation: Conversation) -> list[RequestRecord]:
             await asyncio.sleep(max(0.0, start + offsets[number] - time.perf_counter()))
             async with gate or nullcontext():
-                return await converse(client, url, first_index, conversation, ignore_eos, later_prompts, bar)
+                return await converse(client, url, first_index, conversation, ignore_eos, later_prompts, bar, api)
 
         first_indices = accumulate((c.turns for c in conversations), initial=0)
         per_conversation = await asyncio.gather(*(one(n, i, c) for n, (i, c) in
@@ -173,14 +213,15 @@ async def run_conversations(url: str, conversations: Sequence[Conversation],
 
 
 async def converse(client: httpx.AsyncClient, url: str, first_index: int, conversation: Conversation,
-                   ignore_eos: bool, later_prompts: list[tuple[RequestRecord, str]], bar: tqdm) -> list[RequestRecord]:
+                   ignore_eos: bool, later_prompts: list[tuple[RequestRecord, str]], bar: tqdm,
+                   api: Api = Api()) -> list[RequestRecord]:
     """The turns of one conversation, each sent when the previous one has finished. Later turns'
     records go to `later_prompts` with their prompts, whose tokens are counted after the run. Once
     a turn fails, the following ones cannot be made (no answer) and are recorded as failed."""
     first = conversation.first
     prompt = first.prompt
     record = await stream_one(client, url, RequestRecord(first_index, first.prompt_len, first.output_len),
-                              prompt, ignore_eos)
+                              api.prompt(first), ignore_eos, api)
     records = [record]
     bar.update(1)
     for turn, follow_up in enumerate(conversation.follow_ups, 1):
@@ -191,7 +232,7 @@ async def converse(client: httpx.AsyncClient, url: str, first_index: int, conver
         prompt = next_turn_prompt(prompt, record.generated_text or "", follow_up.user_message)
         record = RequestRecord(first_index + turn, 0, follow_up.output_len)
         later_prompts.append((record, prompt))
-        records.append(await stream_one(client, url, record, prompt, ignore_eos))
+        records.append(await stream_one(client, url, record, prompt, ignore_eos, api))
         bar.update(1)
     return records
 
@@ -202,11 +243,11 @@ def _not_sent(index: int, follow_up: FollowUp) -> RequestRecord:
                          error="not sent: an earlier turn of its conversation failed")
 
 
-async def warm_up(url: str, req: BenchRequest, ignore_eos: bool = True) -> None:
+async def warm_up(url: str, req: BenchRequest, ignore_eos: bool = True, api: Api = Api()) -> None:
     """One short request before measuring, so one-off costs (first kernel runs, allocator growth)
     are not charged to the first measured requests."""
     short = RequestRecord(-1, req.prompt_len, min(req.output_len, 4))
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0)) as client:
-        record = await stream_one(client, url, short, req.prompt, ignore_eos)
+        record = await stream_one(client, url, short, api.prompt(req), ignore_eos, api)
     if not record.ok:
         raise RuntimeError(f"warm-up request failed: {record.error}")

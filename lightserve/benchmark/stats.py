@@ -53,8 +53,8 @@ def inter_token_latencies(record: RequestRecord) -> list[float]:
 
 
 def tpot(record: RequestRecord) -> Optional[float]:
-    times = record.token_times
-    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    times, n = record.token_times, record.generated
+    return (times[-1] - times[0]) / (n - 1) if len(times) > 1 and n > 1 else None
 
 
 def e2e_latency(record: RequestRecord) -> float:
