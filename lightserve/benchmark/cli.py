@@ -171,7 +171,7 @@ def run_server_side(args: argparse.Namespace, workload: list[Conversation],
             result = asyncio.run(run_conversations(url, workload, tokenizer, rate, args.max_concurrency,
                                                    args.ignore_eos, args.seed, progress=not args.no_progress, api=api))
             summaries.append(summarize(result))
-            print(format_run(summaries[-1]), flush=True)
+            print(format_run(summaries[-1], "lightserve" if launched else f"{args.backend} server at {url}"), flush=True)
     return summaries
 
 

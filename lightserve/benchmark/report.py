@@ -50,10 +50,10 @@ def format_workload(w: dict[str, Any], seed: int) -> str:
             f"(total {w['total_output_tokens']}), seed {seed}")
 
 
-def format_run(s: RunSummary) -> str:
+def format_run(s: RunSummary, server: str = "lightserve") -> str:
     conc = s.max_concurrency if s.max_concurrency else "unlimited"
     lines = [
-        f"== lightserve: request rate {rate_label(s.request_rate)} req/s, max concurrency {conc} ==",
+        f"== {server}: request rate {rate_label(s.request_rate)} req/s, max concurrency {conc} ==",
         f"  completed / failed          {s.completed} / {s.failed}",
         f"  duration                    {s.duration_s:.2f} s",
         f"  input / output tokens       {s.total_input_tokens} / {s.total_output_tokens}",
