@@ -18,6 +18,8 @@ setup(
         "rpyc",
         "transformers>=5.0",
         "tokenizers",
+        # Chat templates: their errors are told apart from the server's own (httpserver/openai_api.py).
+        "jinja2",
         "safetensors",
         "starlette",
         "uvicorn",
@@ -26,13 +28,15 @@ setup(
         "pydantic>=2",
         "pillow",
         "tqdm",
-        # Reading the embedded SmolLM2 GGUF (converted once into the local cache).
+        # Reading the embedded SmolLM2 GGUF (converted once into the local cache); transformers
+        # refuses to load a GGUF without accelerate.
         "gguf",
         "accelerate",
         "psutil",
         # The serving benchmark client (python -m lightserve.benchmark).
         "httpx",
     ],
+    entry_points={"console_scripts": ["lightserve = lightserve.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "schemathesis", "openai", "huggingface_hub", "matplotlib"],
         # PNG plots of the serving benchmark.
