@@ -240,10 +240,13 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _probe(home: Path, path: str | None = None) -> subprocess.Popen:
+def _probe(home: Path, path: str | None = None, cc: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, LIGHTSERVE_HOME=str(home))
+    env.pop("CC", None)
     if path is not None:
         env["PATH"] = path
+    if cc is not None:
+        env["CC"] = cc
     return subprocess.Popen([sys.executable, "-c", _PROBE], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -272,16 +275,17 @@ def test_unavailable_without_compiler(tmp_path):
 
 
 def test_unavailable_when_compilation_fails(tmp_path):
-    # A compiler that reports a version and then fails, as a broken toolchain would.
-    fake = tmp_path / "bin" / "gcc"
+    # A compiler that reports a version and then fails, as a broken toolchain would; chosen with
+    # $CC (with an extra word, as make allows), so it is not gcc that runs.
+    fake = tmp_path / "bin" / "mycc"
     fake.parent.mkdir()
     fake.write_text(
-        '#!/bin/sh\ncase "$1" in -dump*) echo 12.2.0;; *) echo "error: broken" >&2; exit 1;; esac\n'
+        '#!/bin/sh\ncase "$2" in --version) echo "mycc 12.2.0";; *) echo "error: broken $1" >&2; exit 1;; esac\n'
     )
     fake.chmod(0o755)
-    output = _probe(tmp_path / "home", path=str(fake.parent)).communicate(timeout=120)[0]
+    output = _probe(tmp_path / "home", path=str(fake.parent), cc="mycc -DEXTRA").communicate(timeout=120)[0]
     assert "available False False" in output, output
-    assert "error: broken" in output
+    assert "error: broken -DEXTRA" in output and "mycc" in output
     assert output.count("LOG ") == 1, output
     assert not list((tmp_path / "home" / "kernels").iterdir())  # no partial build left behind
 

@@ -1,13 +1,13 @@
 """Compile the C kernels on first use and load them through ctypes.
 
 Why C and not a torch extension: without torch headers the kernels compile in a few seconds
-with the system gcc, so they can be built lazily on the serving machine (``-march=native``)
+with the system C compiler (`$CC`, default gcc), so they can be built lazily on the serving machine (``-march=native``)
 with no build step at install time. The shared object is cached under
 ``$LIGHTSERVE_HOME/kernels/`` (default ``~/.cache/lightserve/kernels/``); its file name holds a
 hash of the sources, the compiler command, the compiler version and the CPU's feature flags, so
 a changed kernel, compiler or machine never loads a stale build.
 
-If gcc is missing or the build fails, :func:`load` returns None (the reason is logged once and
+If the compiler is missing or the build fails, :func:`load` returns None (the reason is logged once and
 kept in :func:`unavailable_reason`) and callers use their torch path instead.
 
 Threads: the kernels run OpenMP with ``torch.get_num_threads()`` threads (fewer for small
@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c")
 _LIBRARY = "cpu_kernels"
-_COMPILER = "gcc"
+_DEFAULT_COMPILER = "gcc"
 # -ffp-contract=off: no FMA where the torch reference rounds a product before adding (layer_ops.c).
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_S = 120
@@ -87,13 +88,24 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(compiler: str) -> Path:
+def _compiler() -> list[str]:
+    """The compiler command: `$CC` as make reads it (it may carry words, e.g. "ccache gcc"), else
+    gcc; its program resolved on PATH. RuntimeError if it is not there."""
+    words = shlex.split(os.environ.get("CC") or _DEFAULT_COMPILER)
+    program = shutil.which(words[0]) if words else None
+    if program is None:
+        name = os.environ.get("CC") or _DEFAULT_COMPILER
+        raise RuntimeError(f"C compiler {name!r} not found on PATH (set $CC to choose another)")
+    return [program, *words[1:]]
+
+
+def _build(compiler: list[str]) -> Path:
     """Compile the kernels into the cache (once per sources/compiler/CPU) and return the path."""
-    version = subprocess.run(
-        [compiler, "-dumpfullversion", "-dumpversion"],
-        capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S,
+    version = subprocess.run(  # `--version` names the compiler and its version, gcc and clang alike
+        [*compiler, "--version"], capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S,
     ).stdout.strip()
-    parts = [s.read_bytes() for s in _SOURCES] + [" ".join(_CFLAGS).encode(), version.encode(), _cpu_flags().encode()]
+    command = " ".join([*compiler, *_CFLAGS])
+    parts = [s.read_bytes() for s in _SOURCES] + [command.encode(), version.encode(), _cpu_flags().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     cache = _cache_dir()
     target = cache / f"{_LIBRARY}-{key}.so"
@@ -106,11 +118,11 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *_CFLAGS, "-o", tmp, *map(str, _SOURCES)],
+            [*compiler, *_CFLAGS, "-o", tmp, *map(str, _SOURCES)],
             capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -132,11 +144,8 @@ def load() -> ctypes.CDLL | None:
         if _loaded:
             return _lib
         _loaded = True
-        compiler = shutil.which(_COMPILER)
         try:
-            if compiler is None:
-                raise RuntimeError(f"compiler {_COMPILER!r} not found on PATH")
-            lib = ctypes.CDLL(str(_build(compiler)))
+            lib = ctypes.CDLL(str(_build(_compiler())))
             _declare(lib)
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
