@@ -336,6 +336,7 @@ def test_client_and_cli_against_the_server(tiny_served_model, tmp_path):
         assert rc == 0
         run = json.loads(openai_out.read_text())["runs"][0]
         assert run["completed"] == 4 and run["prompt_len_mismatches"] == 0
+        assert 0 < run["client_cpu_s"] < run["duration_s"] * 2  # the client's own CPU, at most 2 cores' worth
 
         out = tmp_path / "bench.json"
         rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "6",

@@ -65,6 +65,9 @@ class LoadResult:
     records: list[RequestRecord]
     start: float
     end: float
+    # CPU seconds the client process itself used during the run: on a small machine shared with
+    # the server, these are cycles the server did not get.
+    client_cpu_s: float = 0.0
 
     @property
     def duration(self) -> float:
@@ -191,7 +194,7 @@ async def run_conversations(url: str, conversations: Sequence[Conversation],
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(None, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
 
         async def one(number: int, first_index: int, conversation: Conversation) -> list[RequestRecord]:
             await asyncio.sleep(max(0.0, start + offsets[number] - time.perf_counter()))
@@ -201,7 +204,7 @@ async def run_conversations(url: str, conversations: Sequence[Conversation],
         first_indices = accumulate((c.turns for c in conversations), initial=0)
         per_conversation = await asyncio.gather(*(one(n, i, c) for n, (i, c) in
                                                   enumerate(zip(first_indices, conversations))))
-        end = time.perf_counter()
+        end, cpu_end = time.perf_counter(), time.process_time()
     bar.close()
     # Counted after the run: encoding a long prompt takes milliseconds of the client's CPU, which
     # during the run would delay other streams' timestamps (and, on one machine, the server).
@@ -209,7 +212,8 @@ async def run_conversations(url: str, conversations: Sequence[Conversation],
         counts = prompt_lengths(tokenizer, [prompt for _, prompt in later_prompts])
         for (record, _), count in zip(later_prompts, counts):
             record.prompt_len = count
-    return LoadResult(request_rate, max_concurrency, [r for records in per_conversation for r in records], start, end)
+    return LoadResult(request_rate, max_concurrency, [r for records in per_conversation for r in records], start, end,
+                      cpu_end - cpu_start)
 
 
 async def converse(client: httpx.AsyncClient, url: str, first_index: int, conversation: Conversation,

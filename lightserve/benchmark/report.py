@@ -56,6 +56,7 @@ def format_run(s: RunSummary, server: str = "lightserve") -> str:
         f"== {server}: request rate {rate_label(s.request_rate)} req/s, max concurrency {conc} ==",
         f"  completed / failed          {s.completed} / {s.failed}",
         f"  duration                    {s.duration_s:.2f} s",
+        f"  client CPU                  {s.client_cpu_s:.2f} s ({100 * s.client_cpu_s / s.duration_s:.0f}% of one core)",
         f"  input / output tokens       {s.total_input_tokens} / {s.total_output_tokens}",
         f"  request throughput          {s.request_throughput:.3f} req/s",
         f"  output token throughput     {s.output_throughput:.1f} tok/s",

@@ -85,6 +85,7 @@ class RunSummary:
     prompt_len_mismatches: int
     output_len_mismatches: int
     errors: list[str]
+    client_cpu_s: float = 0.0  # the benchmark client's own CPU time during the run
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -117,4 +118,5 @@ def summarize(result: LoadResult) -> RunSummary:
         prompt_len_mismatches=sum(r.server_prompt_len is not None and r.server_prompt_len != r.prompt_len for r in ok),
         output_len_mismatches=sum(r.generated != r.output_len for r in ok),
         errors=sorted({r.error for r in failed if r.error})[:10],
+        client_cpu_s=result.client_cpu_s,
     )
