@@ -60,6 +60,19 @@ def cache_off(smollm2_dir):
                disable_prefix_cache=True)
 
 
+@pytest.fixture(scope="module")
+def cache_on(smollm2_dir):
+    return _llm(smollm2_dir)
+
+
+@pytest.fixture
+def llm(cache_on) -> LLM:
+    """The cache-on LLM with an empty cache (every test starts from nothing cached)."""
+    cache_on.reset_prefix_cache()
+    assert cache_on.engine.prefix_cache.total_tokens == 0
+    return cache_on
+
+
 def _llm(smollm2_dir, pool: int = 4096) -> LLM:
     return LLM(str(smollm2_dir), data_type="float32", max_total_token_num=pool, max_req_total_len=1024)
 
@@ -80,8 +93,7 @@ def _check(llm: LLM, cache_off: LLM, hf, prompts: list[list[int]]) -> list:
 
 
 @pytest.mark.parametrize("shared", [1, 17, 511])
-def test_a_shared_prefix_is_reused_and_the_answers_are_exact(smollm2_dir, tokenizer, hf, story, cache_off, shared):
-    llm = _llm(smollm2_dir)
+def test_a_shared_prefix_is_reused_and_the_answers_are_exact(llm, tokenizer, hf, story, cache_off, shared):
     prefix = story[:shared]
     first = prefix + _question(tokenizer, "Who climbed the stairs?")
     (out,) = _check(llm, cache_off, hf, [first])
@@ -92,8 +104,7 @@ def test_a_shared_prefix_is_reused_and_the_answers_are_exact(smollm2_dir, tokeni
     assert_kv_whole(llm.engine, flush=False)
 
 
-def test_whole_prompt_hits_and_a_hit_inside_an_earlier_answer(smollm2_dir, tokenizer, hf, story, cache_off):
-    llm = _llm(smollm2_dir)
+def test_whole_prompt_hits_and_a_hit_inside_an_earlier_answer(llm, tokenizer, hf, story, cache_off):
     prompt = story[:60] + _question(tokenizer, "Where were the rocks?")
     (first,) = _check(llm, cache_off, hf, [prompt])
     answer = first.outputs[0].token_ids
@@ -110,10 +121,9 @@ def test_whole_prompt_hits_and_a_hit_inside_an_earlier_answer(smollm2_dir, token
     assert follow.num_cached_tokens >= len(prompt) + len(answer) - 1
 
 
-def test_requests_with_the_same_new_prefix_in_one_step(smollm2_dir, tokenizer, hf, story, cache_off):
+def test_requests_with_the_same_new_prefix_in_one_step(llm, tokenizer, hf, story, cache_off):
     """Both compute the prefix (nothing was cached when they were admitted together); the cache
     keeps one copy and frees the other, and a third request then hits it."""
-    llm = _llm(smollm2_dir)
     prefix = story[100:300]
     both = [prefix + _question(tokenizer, q) for q in ("Who taught him?", "When did he climb?")]
     for out in _check(llm, cache_off, hf, both):
