@@ -329,8 +329,17 @@ def test_client_and_cli_against_the_server(tiny_served_model, tmp_path):
             assert rec.ok, rec.error
             assert (rec.server_prompt_len, rec.generated) == (req.prompt_len, req.output_len)
             assert rec.finish_reason == "length" and rec.generated_text
+        # Whole answers (--no-stream), both routes: the lengths are the server's, there are no token times.
+        for whole in (Api("tgi", stream=False), Api("openai", api.model, stream=False)):
+            whole_result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False,
+                                                api=whole))
+            for req, rec in zip(requests, whole_result.records):
+                assert rec.ok, (whole, rec.error)
+                assert (rec.server_prompt_len, rec.generated, rec.token_times) == (req.prompt_len, req.output_len, [])
+            s = summarize(whole_result)
+            assert s.completed == 8 and s.ttft_ms.count == 0 and s.e2e_ms.count == 8
         openai_out = tmp_path / "openai.json"
-        rc = main(["--backend", "openai", "--base-url", server.url, "--tokenizer", str(tiny_served_model),
+        rc = main(["--backend", "openai", "--base-url", server.url, "--tokenizer", str(tiny_served_model), "--no-stream",
                    "--num-requests", "4", "--multi-turn", "2", "--prompt-len", "4:8", "--output-len", "2:4",
                    "--no-progress", "--output-json", str(openai_out)])
         assert rc == 0

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--backend", choices=("tgi", "openai"), default="tgi",
                         help="the API to drive: lightserve's /generate_stream (tgi), or /v1/completions of any "
                              "OpenAI-compatible server such as vLLM or llama.cpp's (openai, token-id prompts)")
+    server.add_argument("--no-stream", action="store_true",
+                        help="ask for whole answers instead of token streams: pure throughput, no TTFT or "
+                             "inter-token latencies")
     server.add_argument("--model", default=None,
                         help="the OpenAI `model` field (default: the first id of the server's /v1/models)")
     server.add_argument("--launch", metavar="MODEL_DIR", default=None,
@@ -164,7 +167,8 @@ def run_server_side(args: argparse.Namespace, workload: list[Conversation],
         url = launched.url if launched else (args.url or "http://127.0.0.1:8000").rstrip("/")
         if launched:
             print(f"server started at {url} (log: {launched.log_path})")
-        api = Api(args.backend, (args.model or served_model(url)) if args.backend == "openai" else "")
+        api = Api(args.backend, (args.model or served_model(url)) if args.backend == "openai" else "",
+                  stream=not args.no_stream)
         asyncio.run(warm_up(url, warm_up_request(tokenizer, workload[0].first, args.seed), args.ignore_eos, api))
         summaries = []
         for rate in args.request_rate:

@@ -101,10 +101,14 @@ class Api:
 
     kind: str = "tgi"  # "tgi" | "openai"
     model: str = ""  # the OpenAI `model` field
+    # False: one answer per request, no events (pure throughput; no TTFT or inter-token times).
+    stream: bool = True
 
     @property
     def path(self) -> str:
-        return "/generate_stream" if self.kind == "tgi" else "/v1/completions"
+        if self.kind == "tgi":
+            return "/generate_stream" if self.stream else "/generate"
+        return "/v1/completions"
 
     def prompt(self, req: BenchRequest) -> Prompt:
         return list(req.prompt_ids) if self.kind == "openai" else req.prompt
@@ -112,10 +116,26 @@ class Api:
     def body(self, prompt: Prompt, output_len: int, ignore_eos: bool) -> dict:
         """Greedy decoding, as the transformers baseline does; `ignore_eos` pins the output length."""
         if self.kind == "tgi":
-            return {"inputs": prompt,
-                    "parameters": {"max_new_tokens": output_len, "ignore_eos": ignore_eos, "do_sample": False}}
-        return {"model": self.model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-                "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+            parameters = {"max_new_tokens": output_len, "ignore_eos": ignore_eos, "do_sample": False}
+            return {"inputs": prompt, "parameters": parameters if self.stream else {**parameters, "details": True}}
+        body = {"model": self.model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+                "ignore_eos": ignore_eos, "stream": self.stream}
+        return {**body, "stream_options": {"include_usage": True}} if self.stream else body
+
+    def read_answer(self, answer: dict, record: RequestRecord) -> None:
+        """Fold a whole (not streamed) answer into `record`: its lengths, end and text."""
+        if self.kind == "tgi":
+            details = answer.get("details") or {}
+            record.finish_reason = details.get("finish_reason")
+            record.server_prompt_len = details.get("prompt_tokens")
+            record.server_output_len = details.get("generated_tokens")
+            record.generated_text = answer.get("generated_text")
+        else:
+            choice, usage = answer["choices"][0], answer.get("usage") or {}
+            record.finish_reason = choice.get("finish_reason")
+            record.generated_text = choice.get("text")
+            record.server_prompt_len = usage.get("prompt_tokens")
+            record.server_output_len = usage.get("completion_tokens")
 
     def read(self, event: dict, record: RequestRecord, now: float) -> None:
         """Fold one `data:` event into `record`: a token's timestamp, the end, or an error."""
@@ -146,6 +166,13 @@ async def stream_one(client: httpx.AsyncClient, url: str, record: RequestRecord,
     record.start = time.perf_counter()
     try:
         body = api.body(prompt, record.output_len, ignore_eos)
+        if not api.stream:
+            response = await client.post(url + api.path, json=body)
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            else:
+                api.read_answer(response.json(), record)
+            return record
         async with client.stream("POST", url + api.path, json=body) as response:
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"

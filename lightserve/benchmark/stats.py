@@ -111,7 +111,7 @@ def summarize(result: LoadResult) -> RunSummary:
         request_throughput=len(ok) / duration,
         output_throughput=output_tokens / duration,
         total_token_throughput=(input_tokens + output_tokens) / duration,
-        ttft_ms=Distribution.of_seconds([ttft(r) for r in ok]),
+        ttft_ms=Distribution.of_seconds([t for t in map(ttft, ok) if t is not None]),  # none without streaming
         tpot_ms=Distribution.of_seconds([t for t in map(tpot, ok) if t is not None]),
         itl_ms=Distribution.of_seconds([gap for r in ok for gap in inter_token_latencies(r)]),
         e2e_ms=Distribution.of_seconds([e2e_latency(r) for r in ok]),
