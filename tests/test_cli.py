@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,9 @@ def test_subcommands_take_their_modules_flags(capsys, command: str, flag: str) -
 
 
 def test_the_installed_console_script_runs_it() -> None:
-    script = shutil.which("lightserve")
+    # Installed beside the interpreter that installed the package (its bin/ may not be on PATH).
+    beside = Path(sys.executable).parent / "lightserve"
+    script = str(beside) if beside.exists() else shutil.which("lightserve")
     assert script is not None, "`pip install -e .` installs the `lightserve` command"
     out = subprocess.run([script, "serve", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--disable_prefix_cache" in out.stdout
