@@ -130,6 +130,8 @@ class ModelEngine:
         their KV goes to the prefix cache or is freed, their table rows are freed. Ids this rank
         no longer holds are ignored: a request may finish here in the step in which it was
         aborted elsewhere."""
+        if not req_ids:  # most steps: no per-request work, no read of the batch's lengths
+            return
         rows = {r.req_id: i for i, r in enumerate(self._decoding_reqs())}
         seq_lens = self.decoding.b_seq_len.tolist() if rows else []
         leaving: list[tuple[ReqState, int]] = []

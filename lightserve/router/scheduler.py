@@ -160,9 +160,9 @@ class Scheduler:
         self._account(plan, result.outs)
         self.kv_total, self.kv_free = result.kv_total, result.kv_free
         self.kv_cached, self.kv_evictable = result.kv_cached, result.kv_evictable
-        if result.kv_free != self.kv_free_expected():
+        if result.kv_free != (expected := self.kv_free_expected()):
             logger.error("router: rank 0 reports %d free KV slots, the router's prefix cache expects %d",
-                         result.kv_free, self.kv_free_expected())
+                         result.kv_free, expected)
         return result.outs
 
     def kv_free_expected(self) -> int:
