@@ -38,7 +38,7 @@ from lightserve.launcher import ChildGroup
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
-from lightserve.visual.encoder import VisionSpec
+from lightserve.visual.spec import VisionSpec
 from lightserve.visual.manager import start_visual_process
 from tests.llava_factory import build_tiny_llava, random_image
 

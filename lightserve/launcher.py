@@ -21,21 +21,25 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Optional
 
-import uvicorn
-from transformers import AutoTokenizer
+from typing import TYPE_CHECKING
 
-from lightserve.backend.worker import start_backend_process
+import uvicorn
+
 from lightserve.cache_manager import shm
-from lightserve.cache_manager.manager import start_cache_manager_process
-from lightserve.detokenization.manager import start_detokenization_process
-from lightserve.httpserver.app import build_app
-from lightserve.httpserver.images import ImageIntake
-from lightserve.httpserver.manager import HttpServerManager
-from lightserve.router.manager import start_router_process
 from lightserve.server_args import ServerArgs
-from lightserve.utils.process import ChildStatus
+from lightserve.utils.process import ChildStatus, EntryPoint
 from lightserve.utils.run_paths import RunPaths
-from lightserve.visual.manager import start_visual_process
+
+if TYPE_CHECKING:
+    from lightserve.httpserver.manager import HttpServerManager
+
+# The children's entries, imported only by the children: the launcher starts them first and loads
+# the HTTP side (transformers, the tokenizer) while they start.
+start_backend_process = EntryPoint("lightserve.backend.worker", "start_backend_process")
+start_cache_manager_process = EntryPoint("lightserve.cache_manager.manager", "start_cache_manager_process")
+start_detokenization_process = EntryPoint("lightserve.detokenization.manager", "start_detokenization_process")
+start_router_process = EntryPoint("lightserve.router.manager", "start_router_process")
+start_visual_process = EntryPoint("lightserve.visual.manager", "start_visual_process")
 
 logger = logging.getLogger("lightserve")
 
@@ -61,24 +65,15 @@ class Child:
     process: mp.Process
 
 
-class ChildGroup:
-    """The child processes of this instance, started with the spawn context."""
+@dataclass
+class Starting:
+    """Children spawned together, not yet known to be ready."""
 
-    def __init__(self) -> None:
-        self.ctx = mp.get_context("spawn")
-        self.children: list[Child] = []
+    waiting: list[tuple[str, mp.Process, Any]]
 
-    def start(self, specs: list[tuple[str, Callable, tuple]]) -> list[ChildStatus]:
-        """Start every (name, entry, args) at once; wait until all report ready."""
-        waiting = []
-        for name, entry, args in specs:
-            parent_end, child_end = self.ctx.Pipe(duplex=False)
-            proc = self.ctx.Process(target=entry, args=(*args, child_end), name=name, daemon=True)
-            proc.start()
-            child_end.close()
-            self.children.append(Child(name, proc))
-            waiting.append((name, proc, parent_end))
-        return [self._await_ready(name, proc, pipe) for name, proc, pipe in waiting]
+    def wait(self) -> list[ChildStatus]:
+        """Each child's report, in spawn order; the first failure raises `ChildStartError`."""
+        return [self._await_ready(name, proc, pipe) for name, proc, pipe in self.waiting]
 
     @staticmethod
     def _await_ready(name: str, proc: mp.Process, pipe) -> ChildStatus:
@@ -96,6 +91,30 @@ class ChildGroup:
         if not status.ok:
             raise ChildStartError(status.error)
         return status
+
+
+class ChildGroup:
+    """The child processes of this instance, started with the spawn context."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.children: list[Child] = []
+
+    def start(self, specs: list[tuple[str, Callable, tuple]]) -> list[ChildStatus]:
+        """Start every (name, entry, args) at once; wait until all report ready."""
+        return self.spawn(specs).wait()
+
+    def spawn(self, specs: list[tuple[str, Callable, tuple]]) -> Starting:
+        """Start every (name, entry, args) at once; `.wait()` on the result for their reports."""
+        waiting = []
+        for name, entry, args in specs:
+            parent_end, child_end = self.ctx.Pipe(duplex=False)
+            proc = self.ctx.Process(target=entry, args=(*args, child_end), name=name, daemon=True)
+            proc.start()
+            child_end.close()
+            self.children.append(Child(name, proc))
+            waiting.append((name, proc, parent_end))
+        return Starting(waiting)
 
     def wait_for_death(self, stop: threading.Event) -> Optional[Child]:
         """Block until a child exits (returns it) or `stop` is set (returns None)."""
@@ -194,12 +213,23 @@ def launch(args: ServerArgs) -> int:
                 raise ChildStartError("--enable_multimodal runs on one node only (--nnodes 1)")
             children.start([("cache_manager", start_cache_manager_process, (args, paths))])
             others.append(("visual", start_visual_process, (args, paths, model_dir)))
-        statuses = children.start(ranks + others)
-        backend_info: dict[str, Any] = statuses[0].info
+        starting = children.spawn(ranks + others)
+        # While the children import torch and load the model, this process loads its own side.
+        from transformers import AutoTokenizer
+
+        from lightserve.httpserver.app import build_app
+        from lightserve.httpserver.images import ImageIntake
+        from lightserve.httpserver.manager import HttpServerManager
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        except Exception as e:
+            starting.wait()  # a child's own start-up error, if any, names the problem first
+            raise ChildStartError(f"cannot load the tokenizer from {tokenizer_dir}: {e}") from e
+        backend_info: dict[str, Any] = starting.wait()[0].info
         children.start([("router", start_router_process, (args, paths, backend_info["max_total_token_num"]))])
         logger.info("backend ready: %s", backend_info)
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         # The httpserver refuses at the door what could never fit in the pool the backend made.
         args = dataclasses.replace(args, max_total_token_num=backend_info["max_total_token_num"])
         images = ImageIntake.for_server(args, paths, model_dir, tokenizer) if args.enable_multimodal else None

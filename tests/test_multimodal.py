@@ -40,7 +40,7 @@ from lightserve.launcher import ChildGroup, free_port
 from lightserve.server_args import ServerArgs
 from lightserve.utils import serde
 from lightserve.utils.run_paths import RunPaths
-from lightserve.visual.encoder import VisionSpec
+from lightserve.visual.spec import VisionSpec
 from lightserve.visual.manager import start_visual_process
 from tests import llava_factory
 from tests.llava_factory import (IMAGE_TOKEN, TOKENS_PER_IMAGE, LlavaRunner, random_image,

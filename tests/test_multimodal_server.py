@@ -33,7 +33,8 @@ from lightserve.httpserver.errors import ApiError
 from lightserve.httpserver.images import fetch_remote
 from lightserve.io_struct import GenerateReq, ImageItem, SamplingParams
 from lightserve.server_args import ServerArgs
-from lightserve.visual.encoder import VisionEncoder, load_image
+from lightserve.visual.encoder import VisionEncoder
+from lightserve.visual.spec import load_image
 from tests.engine_steps import assert_kv_whole, decode, prefill, run_to_end
 from tests.llava_factory import TOKENS_PER_IMAGE, hf_generate, random_image
 from tests.server_harness import (ServerProcess, assert_stopped_after_child_death, child_owning, kill_child_mid_stream,

@@ -40,7 +40,7 @@ from lightserve.httpserver.errors import ApiError, validation_error
 from lightserve.io_struct import ImageItem
 from lightserve.server_args import ServerArgs
 from lightserve.utils.run_paths import RunPaths
-from lightserve.visual.encoder import IMAGE_FORMATS, VisionSpec
+from lightserve.visual.spec import IMAGE_FORMATS, VisionSpec
 
 logger = logging.getLogger(__name__)
 

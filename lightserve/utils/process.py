@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import signal
 import traceback
@@ -53,3 +54,19 @@ def run_child(name: str, pipe: Connection, log_level: str, setup: Callable[[], t
     pipe.send(ChildStatus(name, ok=True, info=info))
     pipe.close()
     loop()
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """A child's `start_*_process` named by module, imported only in the child.
+
+    The launcher starts children with `spawn`, which pickles the target by reference; naming the
+    module instead keeps the launcher from importing torch and the model code of every child
+    before it can start the first one.
+    """
+
+    module: str
+    function: str
+
+    def __call__(self, *args: Any) -> None:
+        getattr(importlib.import_module(self.module), self.function)(*args)

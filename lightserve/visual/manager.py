@@ -34,7 +34,8 @@ from lightserve.utils import serde
 from lightserve.utils.inbox import drain
 from lightserve.utils.process import run_child
 from lightserve.utils.run_paths import RunPaths
-from lightserve.visual.encoder import VisionEncoder, load_image
+from lightserve.visual.encoder import VisionEncoder
+from lightserve.visual.spec import load_image
 
 logger = logging.getLogger(__name__)
 
