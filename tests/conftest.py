@@ -49,3 +49,22 @@ def hf_llava(llava_dir):
 
     model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
     return model, transformers.AutoProcessor.from_pretrained(llava_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_served_model):
+    """The tiny model served with TINY_SERVER_FLAGS, shared by every module that needs no other flags
+    (tests take deltas of counters and wait for an idle pool, never a fresh server's state)."""
+    from tests.server_harness import TINY_SERVER_FLAGS, ServerProcess
+
+    with ServerProcess(tiny_served_model, *TINY_SERVER_FLAGS) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smol_server(smollm2_dir):
+    """The embedded SmolLM2 served in fp32 with SMOL_SERVER_FLAGS, for token-exact answers over HTTP."""
+    from tests.server_harness import SMOL_SERVER_FLAGS, ServerProcess
+
+    with ServerProcess(smollm2_dir, *SMOL_SERVER_FLAGS) as server:
+        yield server

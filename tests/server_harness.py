@@ -20,8 +20,15 @@ import psutil
 from lightserve.benchmark.launch import LaunchedServer, free_port
 from lightserve.cache_manager import shm
 
-__all__ = ["ServerProcess", "assert_stopped_after_child_death", "child_owning", "free_port",
+__all__ = ["SMOL_SERVER_FLAGS", "TINY_SERVER_FLAGS", "ServerProcess", "assert_stopped_after_child_death", "child_owning", "free_port",
            "kill_child_mid_stream", "shm_of"]
+
+# The flags of the two servers the whole session shares (conftest.py: `tiny_server`, `smol_server`);
+# a test that needs other flags starts a server of its own.
+TINY_SERVER_FLAGS = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024",
+                     "--log_level", "warning")
+SMOL_SERVER_FLAGS = ("--data_type", "float32", "--max_total_token_num", "2048", "--max_req_total_len", "512",
+                     "--log_level", "warning")
 
 
 class ServerProcess(LaunchedServer):

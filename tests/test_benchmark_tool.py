@@ -22,7 +22,6 @@ from lightserve.benchmark.workload import (
     BenchRequest, Conversation, FollowUp, LengthSpec, PromptBuilder, WorkloadShape, conversation_workload, load_jsonl,
     next_turn_prompt, prompt_lengths, synthetic_workload,
 )
-from tests.server_harness import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +283,6 @@ def test_hf_baseline_counts_only_requested_tokens(tiny_model_dirs):
 
 # ---- against the real server ------------------------------------------------------------------
 
-SERVER_FLAGS = ("--data_type", "float32", "--max_total_token_num", "4000", "--max_req_total_len", "512",
-                "--log_level", "warning")
-
-
 def _max_overlap(records: list[RequestRecord]) -> int:
     edges = sorted([(r.start, 1) for r in records] + [(r.end, -1) for r in records])
     level = peak = 0
@@ -297,66 +292,66 @@ def _max_overlap(records: list[RequestRecord]) -> int:
     return peak
 
 
-def test_client_and_cli_against_the_server(tiny_served_model, tmp_path):
+def test_client_and_cli_against_the_server(tiny_server, tiny_served_model, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_served_model)
     requests = synthetic_workload(tok, 8, LengthSpec(8, 60), LengthSpec(2, 12), seed=5)
-    with ServerProcess(tiny_served_model, *SERVER_FLAGS) as server:
-        result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False))
-        for req, rec in zip(requests, result.records):
-            assert rec.ok, rec.error
-            assert rec.server_prompt_len == req.prompt_len  # the prompt the server saw has the planned length
-            assert rec.generated == req.output_len  # ignore_eos pins the output length
-            assert rec.start < rec.token_times[0] and rec.token_times == sorted(rec.token_times) and rec.token_times[-1] <= rec.end
-        assert _max_overlap(result.records) <= 3
-        s = summarize(result)
-        assert s.completed == 8 and s.total_output_tokens == sum(r.output_len for r in requests)
+    server = tiny_server
+    result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False))
+    for req, rec in zip(requests, result.records):
+        assert rec.ok, rec.error
+        assert rec.server_prompt_len == req.prompt_len  # the prompt the server saw has the planned length
+        assert rec.generated == req.output_len  # ignore_eos pins the output length
+        assert rec.start < rec.token_times[0] and rec.token_times == sorted(rec.token_times) and rec.token_times[-1] <= rec.end
+    assert _max_overlap(result.records) <= 3
+    s = summarize(result)
+    assert s.completed == 8 and s.total_output_tokens == sum(r.output_len for r in requests)
 
-        # Two conversations of three turns on one shared prefix: each later prompt holds the answers.
-        chats = conversation_workload(tok, 2, LengthSpec(4, 8), LengthSpec(3, 5), seed=2,
-                                      shape=WorkloadShape(shared_prefix_len=24, multi_turn=3))
-        chat_result = asyncio.run(run_conversations(server.url, chats, tok, math.inf, max_concurrency=1, progress=False))
-        assert [r.index for r in chat_result.records] == list(range(6))
-        for turns in (chat_result.records[:3], chat_result.records[3:]):
-            assert all(r.ok and r.server_prompt_len == r.prompt_len for r in turns)
-            assert turns[0].prompt_len < turns[1].prompt_len < turns[2].prompt_len
-            assert turns[0].end <= turns[1].start and turns[1].end <= turns[2].start  # one after another
-        assert _max_overlap(chat_result.records) == 1  # the cap holds a conversation's slot through its turns
+    # Two conversations of three turns on one shared prefix: each later prompt holds the answers.
+    chats = conversation_workload(tok, 2, LengthSpec(4, 8), LengthSpec(3, 5), seed=2,
+                                  shape=WorkloadShape(shared_prefix_len=24, multi_turn=3))
+    chat_result = asyncio.run(run_conversations(server.url, chats, tok, math.inf, max_concurrency=1, progress=False))
+    assert [r.index for r in chat_result.records] == list(range(6))
+    for turns in (chat_result.records[:3], chat_result.records[3:]):
+        assert all(r.ok and r.server_prompt_len == r.prompt_len for r in turns)
+        assert turns[0].prompt_len < turns[1].prompt_len < turns[2].prompt_len
+        assert turns[0].end <= turns[1].start and turns[1].end <= turns[2].start  # one after another
+    assert _max_overlap(chat_result.records) == 1  # the cap holds a conversation's slot through its turns
 
-        # The OpenAI route, as vLLM and llama.cpp's server are driven: token-id prompts, the same lengths.
-        api = Api("openai", served_model(server.url))
-        openai_result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False, api=api))
-        for req, rec in zip(requests, openai_result.records):
-            assert rec.ok, rec.error
-            assert (rec.server_prompt_len, rec.generated) == (req.prompt_len, req.output_len)
-            assert rec.finish_reason == "length" and rec.generated_text
-        # Whole answers (--no-stream), both routes: the lengths are the server's, there are no token times.
-        for whole in (Api("tgi", stream=False), Api("openai", api.model, stream=False)):
-            whole_result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False,
-                                                api=whole))
-            for req, rec in zip(requests, whole_result.records):
-                assert rec.ok, (whole, rec.error)
-                assert (rec.server_prompt_len, rec.generated, rec.token_times) == (req.prompt_len, req.output_len, [])
-            s = summarize(whole_result)
-            assert s.completed == 8 and s.ttft_ms.count == 0 and s.e2e_ms.count == 8
-        openai_out = tmp_path / "openai.json"
-        rc = main(["--backend", "openai", "--base-url", server.url, "--tokenizer", str(tiny_served_model), "--no-stream",
-                   "--num-requests", "4", "--multi-turn", "2", "--prompt-len", "4:8", "--output-len", "2:4",
-                   "--no-progress", "--output-json", str(openai_out)])
-        assert rc == 0
-        run = json.loads(openai_out.read_text())["runs"][0]
-        assert run["completed"] == 4 and run["prompt_len_mismatches"] == 0
-        assert 0 < run["client_cpu_s"] < run["duration_s"] * 2  # the client's own CPU, at most 2 cores' worth
+    # The OpenAI route, as vLLM and llama.cpp's server are driven: token-id prompts, the same lengths.
+    api = Api("openai", served_model(server.url))
+    openai_result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False, api=api))
+    for req, rec in zip(requests, openai_result.records):
+        assert rec.ok, rec.error
+        assert (rec.server_prompt_len, rec.generated) == (req.prompt_len, req.output_len)
+        assert rec.finish_reason == "length" and rec.generated_text
+    # Whole answers (--no-stream), both routes: the lengths are the server's, there are no token times.
+    for whole in (Api("tgi", stream=False), Api("openai", api.model, stream=False)):
+        whole_result = asyncio.run(run_load(server.url, requests, math.inf, max_concurrency=3, progress=False,
+                                            api=whole))
+        for req, rec in zip(requests, whole_result.records):
+            assert rec.ok, (whole, rec.error)
+            assert (rec.server_prompt_len, rec.generated, rec.token_times) == (req.prompt_len, req.output_len, [])
+        s = summarize(whole_result)
+        assert s.completed == 8 and s.ttft_ms.count == 0 and s.e2e_ms.count == 8
+    openai_out = tmp_path / "openai.json"
+    rc = main(["--backend", "openai", "--base-url", server.url, "--tokenizer", str(tiny_served_model), "--no-stream",
+               "--num-requests", "4", "--multi-turn", "2", "--prompt-len", "4:8", "--output-len", "2:4",
+               "--no-progress", "--output-json", str(openai_out)])
+    assert rc == 0
+    run = json.loads(openai_out.read_text())["runs"][0]
+    assert run["completed"] == 4 and run["prompt_len_mismatches"] == 0
+    assert 0 < run["client_cpu_s"] < run["duration_s"] * 2  # the client's own CPU, at most 2 cores' worth
 
-        out = tmp_path / "bench.json"
-        rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "6",
-                   "--prompt-len", "8:40", "--output-len", "3:6", "--request-rate", "50,inf", "--max-concurrency", "4",
-                   "--no-progress", "--output-json", str(out)])
-        assert rc == 0
-        chat_out = tmp_path / "chat.json"
-        rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "4",
-                   "--multi-turn", "2", "--shared-prefix-len", "20", "--shared-prefix-groups", "2",
-                   "--prompt-len", "4:8", "--output-len", "2:4", "--max-concurrency", "2", "--no-progress",
-                   "--output-json", str(chat_out), "--output-png", str(tmp_path / "chat.png")])
+    out = tmp_path / "bench.json"
+    rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "6",
+               "--prompt-len", "8:40", "--output-len", "3:6", "--request-rate", "50,inf", "--max-concurrency", "4",
+               "--no-progress", "--output-json", str(out)])
+    assert rc == 0
+    chat_out = tmp_path / "chat.json"
+    rc = main(["--url", server.url, "--tokenizer", str(tiny_served_model), "--num-requests", "4",
+               "--multi-turn", "2", "--shared-prefix-len", "20", "--shared-prefix-groups", "2",
+               "--prompt-len", "4:8", "--output-len", "2:4", "--max-concurrency", "2", "--no-progress",
+               "--output-json", str(chat_out), "--output-png", str(tmp_path / "chat.png")])
     assert rc == 0
     chat = json.loads(chat_out.read_text())
     w = chat["workload"]

@@ -16,9 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lightserve.httpserver.metrics import ServerMetrics
 from lightserve.io_struct import FinishReason, RouterStats, TextOut
-from tests.server_harness import ServerProcess
-
-FLAGS = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024", "--log_level", "warning")
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -91,9 +88,8 @@ def test_router_stats_set_the_gauges_and_queue_times() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_served_model):
-    with ServerProcess(tiny_served_model, *FLAGS) as s:
-        yield s
+def server(tiny_server):
+    return tiny_server
 
 
 def scrape(url: str) -> Samples:

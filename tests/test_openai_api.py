@@ -29,12 +29,9 @@ from lightserve.httpserver.openai_params import (
 )
 from lightserve.httpserver.params import parse_json
 from lightserve.server_args import ServerArgs
-from tests.server_harness import ServerProcess
+from tests.server_harness import TINY_SERVER_FLAGS, ServerProcess
 
 API_KEY = "sk-test-7f3a"
-FLAGS = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024", "--log_level", "warning")
-SMOL_FLAGS = ("--data_type", "float32", "--max_total_token_num", "2048", "--max_req_total_len", "512",
-              "--log_level", "warning")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 ARGS = ServerArgs(max_req_total_len=1000, max_new_tokens_default=64)
 
@@ -162,7 +159,7 @@ def test_out_of_range_sampling_names_the_field(fields: dict, prompt_len: int, pa
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_served_model):
-    with ServerProcess(tiny_served_model, *FLAGS, "--api_key", API_KEY) as server:
+    with ServerProcess(tiny_served_model, *TINY_SERVER_FLAGS, "--api_key", API_KEY) as server:
         yield server
 
 
@@ -373,12 +370,6 @@ def test_leaving_an_n_stream_aborts_every_choice(keyed_server) -> None:
 
 
 # ---- SmolLM2: exact answers and the docs ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smol_server(smollm2_dir):
-    with ServerProcess(smollm2_dir, *SMOL_FLAGS) as server:
-        yield server
 
 
 def test_smollm2_chat_answers_like_generate(smol_server, smollm2_dir) -> None:

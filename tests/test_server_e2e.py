@@ -16,17 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lightserve import LLM, SamplingParams
 from lightserve.cache_manager import shm
-from tests.server_harness import ServerProcess
-
-SERVER_FLAGS = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024",
-                "--log_level", "warning")
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_served_model):
-    with ServerProcess(tiny_served_model, *SERVER_FLAGS) as server:
-        yield server
-
+from tests.server_harness import TINY_SERVER_FLAGS, ServerProcess
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_served_model):
@@ -70,23 +60,22 @@ def stream(url: str, inputs: str, **parameters) -> list[dict]:
     return events
 
 
-def test_smollm2_server_matches_offline_llm(smollm2_dir):
+def test_smollm2_server_matches_offline_llm(smollm2_dir, smol_server):
     question = "What is the capital of France?"
     llm = LLM(str(smollm2_dir), data_type="float32", device="cpu", max_total_token_num=2048, max_req_total_len=512)
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                                tokenize=False)
     expected = llm.generate(prompt, SamplingParams(max_new_tokens=24, temperature=0.0))[0].outputs[0]
     del llm
-    with ServerProcess(smollm2_dir, "--data_type", "float32", "--max_total_token_num", "2048",
-                       "--max_req_total_len", "512", "--log_level", "warning") as server:
-        body = generate(server.url, prompt, max_new_tokens=24, details=True)
-        assert body["generated_text"] == expected.text == "The capital of France is Paris."
-        assert [t["id"] for t in body["details"]["tokens"]] == expected.token_ids
-        assert body["details"]["finish_reason"] == "eos_token"
-        events = stream(server.url, prompt, max_new_tokens=24)
-        assert "".join(e["token"]["text"] for e in events) == expected.text
-        assert events[-1]["generated_text"] == expected.text
-        assert events[-1]["details"]["finish_reason"] == "eos_token"
+    server = smol_server
+    body = generate(server.url, prompt, max_new_tokens=24, details=True)
+    assert body["generated_text"] == expected.text == "The capital of France is Paris."
+    assert [t["id"] for t in body["details"]["tokens"]] == expected.token_ids
+    assert body["details"]["finish_reason"] == "eos_token"
+    events = stream(server.url, prompt, max_new_tokens=24)
+    assert "".join(e["token"]["text"] for e in events) == expected.text
+    assert events[-1]["generated_text"] == expected.text
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
 
 
 def test_stream_and_plain_equal_offline(tiny_server, tiny_llm):
@@ -180,11 +169,14 @@ def _shm_segments() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if "lightserve" in f}
 
 
-def test_two_servers_side_by_side_and_clean_sigterm(tiny_served_model):
-    a = ServerProcess(tiny_served_model, *SERVER_FLAGS)
-    b = ServerProcess(tiny_served_model, *SERVER_FLAGS)
+def test_two_servers_side_by_side_and_clean_sigterm(tiny_server, tiny_served_model):
+    """A second instance beside the shared one: its own private run directory, the same answers;
+    SIGTERM stops it cleanly and leaves the first serving."""
+    a = tiny_server
+    b = ServerProcess(tiny_served_model, *TINY_SERVER_FLAGS)
+    b_dir = b.run_dir()
     try:
-        run_dirs = {a.run_dir(), b.run_dir()}
+        run_dirs = {a.run_dir(), b_dir}
         assert None not in run_dirs and len(run_dirs) == 2
         for d in run_dirs:
             assert os.stat(d).st_mode & 0o777 == 0o700
@@ -192,24 +184,23 @@ def test_two_servers_side_by_side_and_clean_sigterm(tiny_served_model):
         rb = generate(b.url, "hello there", max_new_tokens=8, ignore_eos=True)
         assert ra == rb
     finally:
-        codes = [a.stop(), b.stop()]
-    assert codes == [0, 0]
-    for server in (a, b):
-        # Children (incl. multiprocessing's resource tracker) exit once the launcher is gone.
-        _, alive = psutil.wait_procs(server.children, timeout=5)
-        assert not alive
-    for d in run_dirs:
-        assert not os.path.exists(d)
-    # Only these instances' segments: tests in other workers may hold theirs meanwhile.
-    assert not {f for f in _shm_segments() if f.startswith(tuple(shm.segment_prefix(d) for d in run_dirs))}
+        code = b.stop()
+    assert code == 0
+    # Children (incl. multiprocessing's resource tracker) exit once the launcher is gone.
+    _, alive = psutil.wait_procs(b.children, timeout=5)
+    assert not alive
+    assert not os.path.exists(b_dir)
+    # Only this instance's segments: other instances (the shared server) hold theirs meanwhile.
+    assert not {f for f in _shm_segments() if f.startswith(shm.segment_prefix(b_dir))}
+    assert generate(a.url, "hello there", max_new_tokens=8, ignore_eos=True) == ra
 
 
 def test_router_logs_throughput_and_load_while_busy(tiny_served_model):
     flags = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024",
              "--log_level", "info", "--log_stats_interval", "0.2")
     with ServerProcess(tiny_served_model, *flags) as server:
-        for _ in range(3):
-            generate(server.url, "a long answer please", max_new_tokens=600, ignore_eos=True)
+        # About 1.5 s of decoding: several 0.2 s stats intervals with the request running.
+        generate(server.url, "a long answer please", max_new_tokens=600, ignore_eos=True)
         log = server.read_log()
     lines = re.findall(r"router: prompt ([\d.]+) tok/s, generation ([\d.]+) tok/s, (\d+) running, (\d+) waiting, "
                        r"KV ([\d.]+)% of 6000 slots", log)
