@@ -149,14 +149,18 @@ class Api:
                 record.finish_reason = details.get("finish_reason")
                 record.server_prompt_len = details.get("input_length")
                 record.generated_text = event.get("generated_text")
-        elif event.get("choices"):  # one token per event; the last event carries only `usage`
-            choice = event["choices"][0]
-            record.token_times.append(now)
-            record.generated_text = (record.generated_text or "") + choice.get("text", "")
-            record.finish_reason = choice.get("finish_reason") or record.finish_reason
-        elif usage := event.get("usage"):
-            record.server_prompt_len = usage.get("prompt_tokens")
-            record.server_output_len = usage.get("completion_tokens")
+        else:
+            if event.get("choices"):  # one token per event (lightserve, vLLM)
+                choice = event["choices"][0]
+                record.token_times.append(now)
+                record.generated_text = (record.generated_text or "") + choice.get("text", "")
+                record.finish_reason = choice.get("finish_reason") or record.finish_reason
+            # `usage` comes in an event of its own (OpenAI, lightserve, vLLM) or with the last
+            # choice (llama.cpp's server, whose last event carries no token: the output length
+            # comes from here, not from counting events).
+            if usage := event.get("usage"):
+                record.server_prompt_len = usage.get("prompt_tokens")
+                record.server_output_len = usage.get("completion_tokens")
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, record: RequestRecord, prompt: Prompt,
@@ -217,8 +221,11 @@ async def run_conversations(url: str, conversations: Sequence[Conversation],
     bar = tqdm(total=total, desc=f"rate {request_rate:g} req/s", unit="req", disable=not progress)
     later_prompts: list[tuple[RequestRecord, str]] = []
     # No connection cap: the client must never queue requests itself, or TTFT would include
-    # time spent waiting for a free connection in the client's pool.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # time spent waiting for a free connection in the client's pool. No kept-alive connections
+    # either: a server may close an idle one just as the client sends the next request on it
+    # (llama.cpp's server does after 5 s, and 13 of 128 requests failed with "Server
+    # disconnected"); a new local connection per request costs well under a millisecond.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     timeout = httpx.Timeout(None, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         start, cpu_start = time.perf_counter(), time.process_time()

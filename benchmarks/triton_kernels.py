@@ -12,8 +12,8 @@ per layer call (the per-step planning of each back end, `begin_step`, is done on
 Reported: median ms (triton.testing.do_bench), the ratios torch/triton and sdpa/triton, and the
 K/V bandwidth the triton kernel reaches. On a machine without a GPU it says so and exits 0.
 
-    python benchmarks/kernels.py                                   # Llama-3-8B-like heads, bf16
-    python benchmarks/kernels.py --heads 9 --kv-heads 3 --head-dim 64   # SmolLM2-135M heads
+    python benchmarks/triton_kernels.py                                   # Llama-3-8B-like heads, bf16
+    python benchmarks/triton_kernels.py --heads 9 --kv-heads 3 --head-dim 64   # SmolLM2-135M heads
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def bench_one(batch: int, context: int, args: argparse.Namespace, dtype: torch.d
 def main() -> int:
     args = parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU: compiled Triton kernels cannot launch on this machine "
+        print("benchmarks/triton_kernels.py needs a CUDA GPU: compiled Triton kernels cannot launch on this machine "
               "(the interpreter is for correctness tests only). Nothing measured.")
         return 0
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
