@@ -35,11 +35,15 @@ setup(
         "psutil",
         # The serving benchmark client (python -m lightserve.benchmark).
         "httpx",
+        # Structured output: JSON schema / regex / grammar to token masks (utils/grammar.py).
+        "llguidance",
     ],
     entry_points={"console_scripts": ["lightserve = lightserve.cli:main"]},
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "schemathesis", "openai", "huggingface_hub", "matplotlib"],
-        # PNG plots of the serving benchmark.
-        "bench": ["matplotlib"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "schemathesis", "openai", "huggingface_hub", "matplotlib",
+                 "jsonschema"],
+        # PNG plots of the serving benchmark; the grammar library comparison
+        # (benchmarks/grammar_mask_cost.py) and the structured-output benchmark.
+        "bench": ["matplotlib", "xgrammar", "jsonschema"],
     },
 )

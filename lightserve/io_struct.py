@@ -38,6 +38,21 @@ class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     out of the encoding (most tokens carry no alternatives, seed or error)."""
 
 
+class Grammar(Message):
+    """A constraint on what a request may generate (structured output).
+
+    `kind` is one of `GRAMMAR_KINDS`: "json_schema" (the text of a JSON schema), "regex" (the
+    whole output matches it), "choice" (a JSON list of strings: the output is one of them) or
+    "lark" (a context-free grammar in llguidance's Lark syntax, which also reads GBNF).
+    """
+
+    kind: str
+    text: str
+
+
+GRAMMAR_KINDS = ("json_schema", "regex", "choice", "lark")
+
+
 class SamplingParams(Message):
     """How to pick the next tokens of one request.
 
@@ -56,6 +71,7 @@ class SamplingParams(Message):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)  # extra token ids that end a request
     ignore_eos: bool = False
     logprobs: int = 0  # number of top alternatives to return per token (0: only the chosen one)
+    grammar: Optional[Grammar] = None  # structured output: only tokens the grammar allows are drawn
 
     @property
     def is_greedy(self) -> bool:
@@ -85,6 +101,8 @@ class SamplingParams(Message):
             fail("seed", "must be an integer in [0, 2^63)")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             fail("logprobs", "must be an integer in [0, 20]")
+        if self.grammar is not None and self.grammar.kind not in GRAMMAR_KINDS:
+            fail("grammar", f"kind must be one of {', '.join(GRAMMAR_KINDS)}")
 
 
 class ImageItem(Message):

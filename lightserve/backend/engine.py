@@ -31,6 +31,7 @@ from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.parallel import SINGLE, TensorParallel
 from lightserve.backend.req_manager import ReqManager
 from lightserve.backend.sampling import SampleResult, sample
+from lightserve.backend.sampling.grammar import GrammarMasks, MaskJob
 from lightserve.io_struct import FinishReason, GenerateReq, StepPlan, StepResult, TokenOut
 from lightserve.prefix_cache.cache import Hold, PrefixCache, cache_key
 from lightserve.server_args import ServerArgs
@@ -77,6 +78,11 @@ class ModelEngine:
         self.eos_ids = torch.tensor(sorted(self._eos_ids(model_dir)), dtype=torch.long, device=self.device)
         # Values: int32 slot tensors, copies (never views) of token-table rows.
         self.prefix_cache: PrefixCache[torch.Tensor] = PrefixCache(not args.disable_prefix_cache, torch.cat)
+        # Structured output: llguidance's view of the tokenizer, built when first needed
+        # (`grammars`; the server's worker asks for it at start-up, see `prepare_grammars`).
+        self._tokenizer_dir = args.tokenizer_dir or model_dir
+        self._grammars: Optional[GrammarMasks] = None
+        self._masks: Optional[MaskJob] = None  # this step's, started before its forward pass
         # Locks of requests refused at admission, held to the end of the step as the router holds them.
         self._refused_holds: list[Hold] = []
         # The persistent batch: requests still computing their prompt (in admission order), and
@@ -98,6 +104,17 @@ class ModelEngine:
             ids.update([eos] if isinstance(eos, int) else (eos or []))
         return ids
 
+    @property
+    def grammars(self) -> GrammarMasks:
+        if self._grammars is None:
+            self._grammars = GrammarMasks(self._tokenizer_dir, self.cfg.vocab_size, self.eos_ids.tolist())
+        return self._grammars
+
+    def prepare_grammars(self) -> None:
+        """Start building the grammar tokenizer view now, on its thread, so that the first
+        constrained request does not wait for it."""
+        _ = self.grammars
+
     # ---- the step -------------------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepResult:
         """Run one StepPlan (see its docstring); the reply carries the sampled tokens and the KV figures.
@@ -110,16 +127,34 @@ class ModelEngine:
                 self._free_slots(self.prefix_cache.flush())
             self.release(plan.release)
             refused = self.admit(plan.new_reqs, plan.cached)
+            self._masks = self._start_masks(plan)  # grammar masks, computed while the model runs
             outs = refused + self.sample(self.forward(plan))
             for hold in self._refused_holds:
                 self.prefix_cache.unlock(hold)
             self._refused_holds.clear()
         except BaseException:
+            if self._masks is not None:
+                self._masks.future.exception()  # let its thread finish with the matchers first
             self.release_all()
             raise
+        finally:
+            self._masks = None
         cache = self.prefix_cache
         return StepResult(outs, self.mem.size, self.mem.can_use_mem_size, cache.total_tokens,
                           cache.evictable_tokens, self.num_running)
+
+    def _start_masks(self, plan: StepPlan) -> Optional[MaskJob]:
+        """Start the masks of the constrained requests that sample in this step: the decode rows,
+        and the prompts this step completes."""
+        sampling = list(self._decoding_reqs()) if plan.decode else []
+        for c in plan.chunks:
+            req = self.prefilling.get(c.req_id)
+            if req is not None and req.computed + c.num_tokens == len(req.input_ids):
+                sampling.append(req)
+        constrained = [r for r in sampling if r.grammar is not None]
+        if not constrained:
+            return None
+        return self.grammars.start([r.req_id for r in constrained], [r.grammar for r in constrained])
 
     @property
     def num_running(self) -> int:
@@ -170,6 +205,12 @@ class ModelEngine:
                 raise RuntimeError(f"request {r.req_id}: the router expected {n_cached} cached tokens, "
                                    f"this rank's prefix cache has {hold.length}")
             why = self._why_unservable(r)
+            grammar = None
+            if why is None and r.sampling.grammar is not None:
+                try:
+                    grammar = self.grammars.matcher(r.sampling.grammar, r.output_ids)
+                except ValueError as e:
+                    why = str(e)
             if why is not None:
                 self._refused_holds.append(hold)
                 refused.append(TokenOut(r.req_id, -1, 0.0, FinishReason.ABORT, prompt_tokens=len(r.prompt_ids),
@@ -183,7 +224,7 @@ class ModelEngine:
                 r.req_id, row, r.prompt_ids, r.sampling, seed, list(r.output_ids),
                 frozenset(r.sampling.stop_token_ids), list(r.images), input_ids=r.prompt_ids + r.output_ids,
                 computed=n_cached, prompt_key=prompt_key, hold=hold,
-                cached_tokens=min(n_cached, len(r.prompt_ids)))
+                cached_tokens=min(n_cached, len(r.prompt_ids)), grammar=grammar)
         return refused
 
     def _why_unservable(self, r: GenerateReq) -> Optional[str]:
@@ -296,7 +337,16 @@ class ModelEngine:
 
     # ---- internals ---------------------------------------------------------------------------
     def _sample_and_finish(self, batch: InferBatch, logits: torch.Tensor) -> tuple[list[TokenOut], list[int]]:
-        """One token per row; returns the outputs and the rows that go on."""
+        """One token per row; returns the outputs and the rows that go on.
+
+        Rows under a grammar draw only tokens it allows; a request whose grammar admits nothing
+        more after its token ends there, as if it had drawn the end-of-sequence token.
+        """
+        constrained = [i for i, req in enumerate(batch.reqs) if req.grammar is not None]
+        matchers = [batch.reqs[i].grammar for i in constrained]
+        if constrained:
+            self.grammars.constrain(logits, constrained, [batch.reqs[i].req_id for i in constrained], matchers,
+                                    self._masks)
         result = sample(logits, batch.sampling, batch.steps)
         batch.steps += 1
         batch.last_ids = result.next_ids
@@ -305,19 +355,26 @@ class ModelEngine:
         ids, logprobs = result.next_ids.tolist(), result.logprobs.tolist()
         eos_flags, len_flags = hit_eos.tolist(), hit_len.tolist()
         tops = _top_logprob_lists(result, len(batch))
+        grammar_end: dict[int, Optional[str]] = {}  # row -> None (complete) or why it broke
+        if constrained:
+            errors = self.grammars.advance(matchers, [ids[i] for i in constrained])
+            grammar_end = {i: err for i, err, m in zip(constrained, errors, matchers) if err or m.is_stopped()}
         outs, keep = [], []
         for i, req in enumerate(batch.reqs):
             token = ids[i]
             req.output_ids.append(token)
-            if eos_flags[i] or token in req.stop_token_ids:
-                reason: Optional[FinishReason] = FinishReason.EOS
+            error = grammar_end.get(i)
+            if error is not None:
+                reason: Optional[FinishReason] = FinishReason.ABORT
+            elif eos_flags[i] or token in req.stop_token_ids or i in grammar_end:
+                reason = FinishReason.EOS
             elif len_flags[i]:
                 reason = FinishReason.LENGTH
             else:
                 reason = None
                 keep.append(i)
             outs.append(TokenOut(req.req_id, token, logprobs[i], reason, tops[i], len(req.prompt_ids),
-                                 req.cached_tokens, req.seed))
+                                 req.cached_tokens, req.seed, error=error and f"structured output failed: {error}"))
         return outs, keep
 
     def _keep_rows(self, batch: InferBatch, keep: list[int]) -> Optional[InferBatch]:

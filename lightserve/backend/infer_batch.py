@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -37,6 +37,8 @@ class ReqState:
     prompt_key: list[Hashable] = field(default_factory=list)
     hold: Hold = NO_HOLD
     cached_tokens: int = 0
+    # Structured output: the request's grammar matcher (`sampling.grammar`), None without one.
+    grammar: Optional[Any] = None
 
     @property
     def prompt_done(self) -> bool:

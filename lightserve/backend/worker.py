@@ -108,6 +108,7 @@ def start_backend_process(args: ServerArgs, paths: Optional[RunPaths], model_dir
         # Every rank reads the same full-width image embeddings from the cache manager's segments.
         prefix = shm.segment_prefix(paths.run_dir) if args.enable_multimodal and paths is not None else None
         engine = ModelEngine(args, model_dir, TensorParallel(rank, args.tp), shm_prefix=prefix)
+        engine.prepare_grammars()  # on a thread: the first constrained request finds it ready
         info = {"max_total_token_num": engine.mem.size, "vocab_size": engine.cfg.vocab_size,
                 "attention_backend": engine.attention_backend, "dtype": str(engine.dtype)}
         if args.node_rank > 0:

@@ -270,8 +270,9 @@ class Scheduler:
     def _account(self, plan: StepPlan, outs: list[TokenOut]) -> None:
         """Follow the step's outcome, with the prefix-cache calls the ranks made, in their order."""
         for out in outs:
-            if out.error is not None and (r := self.running.pop(out.req_id, None)) is not None:
-                # Refused by the ranks at admission: it computed nothing.
+            if out.error is not None and out.token_id < 0 and (r := self.running.pop(out.req_id, None)) is not None:
+                # Refused by the ranks at admission (no token): it computed nothing. A request that
+                # fails later (its grammar broke) ends below like any other, with its KV.
                 self.cache.unlock(r.hold)
                 logger.error("router: request %d refused by the backend: %s", out.req_id, out.error)
         for c in plan.chunks:

@@ -36,7 +36,7 @@ del torch  # imported for its side effect only
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c")
+_SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c", _HERE / "token_mask.c")
 _LIBRARY = "cpu_kernels"
 _DEFAULT_COMPILER = "gcc"
 # -ffp-contract=off: no FMA where the torch reference rounds a product before adding (layer_ops.c).
@@ -63,6 +63,7 @@ _SIGNATURES = {
     "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
     "silu_and_mul": [ptr, i64, ptr, i64, i64, i64, i32, i32],
     "write_kv": [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64],
+    "apply_token_bitmask": [ptr, i64, ptr, i64, ptr, i64, i64],
 }
 
 _lock = threading.Lock()
