@@ -36,10 +36,12 @@ from lightserve.httpserver.openai_errors import model_not_found, openai_error_bo
 from lightserve.httpserver.openai_format import ChatFormat, ChoiceInfo, CompletionFormat, usage
 from lightserve.httpserver.openai_params import (
     ChatCompletionRequest, CompletionRequest, chat_conversation, chat_max_tokens, chat_top_logprobs, check_common,
-    check_images, completion_prompts, openai_sampling,
+    check_images, completion_prompts, openai_sampling, with_system_text,
 )
 from lightserve.httpserver.params import check_prompt_length, parse_json, read_body
 from lightserve.httpserver.sse import EventStreamResponse, sse_event
+from lightserve.httpserver.structured import openai_grammar
+from lightserve.httpserver.tools import plan_tools, template_reads_tools, tools_system_prompt
 from lightserve.io_struct import SamplingParams, TextOut
 from lightserve.server_args import ServerArgs
 from lightserve.utils.embedded_model import EMBEDDED_MODEL_NAME
@@ -134,6 +136,7 @@ class OpenAIApi:
         prompts = completion_prompts(body, len(self.manager.tokenizer))
         admission_of(request).grow_to(len(prompts) * body.choices_per_prompt)
         logprobs = body.logprobs is not None
+        grammar = openai_grammar(body)
         choices, prompt_tokens = [], 0
         for p, prompt in enumerate(prompts):
             ids = await self.manager.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
@@ -142,7 +145,7 @@ class OpenAIApi:
             if body.echo:
                 echo = prompt if isinstance(prompt, str) else await self.manager.with_tokenizer(lambda tok: tok.decode(ids))
             samplings = openai_sampling(body, len(ids), self.args, max_tokens=body.max_tokens, max_tokens_field="max_tokens",
-                                        prompt_field="prompt", logprobs=body.logprobs or 0)
+                                        prompt_field="prompt", logprobs=body.logprobs or 0, grammar=grammar)
             for j, sampling in enumerate(samplings):
                 # OpenAI's numbering: the choices of prompt p are p*n .. p*n + n-1.
                 info = ChoiceInfo(index=p * len(samplings) + j, logprobs=logprobs, echo=echo)
@@ -153,12 +156,25 @@ class OpenAIApi:
     async def _prepare_chat(self, request: Request) -> _Prepared:
         body = await self._body(request, ChatCompletionRequest)
         admission_of(request).grow_to(body.choices_per_prompt)
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        grammar = openai_grammar(body)
+        if grammar is not None and tools.grammar is not None:
+            raise validation_error("a `tool_choice` that forces a call cannot be combined with another constraint",
+                                   "tool_choice")
+        grammar = grammar or tools.grammar
         intake = self.manager.images
-        conversation = chat_conversation(body.messages, intake.image_tag if intake is not None else None)
+        native_tools = template_reads_tools(self.manager.tokenizer.chat_template)
+        conversation = chat_conversation(body.messages, intake.image_tag if intake is not None else None, native_tools)
         check_images(conversation.images, self.args)
         top = chat_top_logprobs(body)
         max_tokens, max_tokens_field = chat_max_tokens(body)
-        text = await self._render_chat(conversation.messages)
+        template_tools = None
+        if tools.in_prompt:
+            if native_tools:
+                template_tools = [t.model_dump(exclude_none=True) for t in tools.tools]
+            else:
+                conversation.messages = with_system_text(conversation.messages, tools_system_prompt(tools.tools))
+        text = await self._render_chat(conversation.messages, template_tools)
         # The template wrote the special tokens (bos, turn markers) itself.
         ids = await self.manager.tokenize(text, add_special_tokens=False)
         images = None
@@ -167,14 +183,15 @@ class OpenAIApi:
             ids = images.prompt_ids
         check_prompt_length(len(ids), "messages")
         samplings = openai_sampling(body, len(ids), self.args, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
-                                    prompt_field="messages", logprobs=top)
+                                    prompt_field="messages", logprobs=top, grammar=grammar)
         logprobs = bool(body.logprobs)
-        choices = [_Choice(ChoiceInfo(index=i, logprobs=logprobs), ids, s, images) for i, s in enumerate(samplings)]
+        choices = [_Choice(ChoiceInfo(index=i, logprobs=logprobs, tools=tools if tools.in_prompt else None), ids, s, images)
+                   for i, s in enumerate(samplings)]
         return _Prepared(ChatFormat(), choices, len(ids), bool(body.stream), body.include_usage, logprobs)
 
-    async def _render_chat(self, messages: list[dict[str, str]]) -> str:
+    async def _render_chat(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> str:
         def render(tok) -> str:
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
         try:
             return await self.manager.with_tokenizer(render)

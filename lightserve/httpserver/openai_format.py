@@ -8,15 +8,17 @@ Conventions shared by both routes:
   that is only part of a UTF-8 character shows as U+FFFD there, while the answer text is exact.
 - The end-of-sequence token is part of the logprobs (and of `usage.completion_tokens`) but adds
   no text. Tokens that complete a stop string are reported, though the text is cut before it.
-- `finish_reason` is "stop" for an end-of-sequence token or a stop string, "length" otherwise.
+- `finish_reason` is "stop" for an end-of-sequence token or a stop string, "length" otherwise,
+  and "tool_calls" for a chat answer that called tools.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lightserve.httpserver.tools import ContentStream, ToolPlan
 from lightserve.io_struct import FinishReason, TextOut
 
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP: "stop"}
@@ -46,6 +48,10 @@ class ChoiceInfo:
     index: int
     logprobs: bool  # whether the client asked for logprobs
     echo: str = ""  # completions: the prompt text to put before the answer
+    tools: Optional[ToolPlan] = None  # chat with tools: the answer may hold calls
+    # A stream of a choice with tools: its text so far and the content already sent.
+    text: str = ""
+    content: ContentStream = field(default_factory=ContentStream)
 
 
 class ChatFormat:
@@ -55,26 +61,48 @@ class ChatFormat:
 
     def full_choice(self, c: ChoiceInfo, outs: list[TextOut], top_texts: list[list[str]]) -> dict[str, Any]:
         logprobs = {"content": [_chat_entry(o, t) for o, t in zip(outs, top_texts)]} if c.logprobs else None
-        return {
-            "index": c.index,
-            "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
-            "logprobs": logprobs,
-            "finish_reason": finish_reason(outs[-1]),
-        }
+        text = "".join(o.text for o in outs)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = finish_reason(outs[-1])
+        if c.tools is not None:
+            content, calls = c.tools.parse(text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": [call.openai() for call in calls]}
+                reason = "tool_calls"
+        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
     def opening(self, c: ChoiceInfo) -> Optional[dict[str, Any]]:
         """The first chunk of each choice announces the role, as OpenAI's does."""
         return {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def delta(self, c: ChoiceInfo, out: TextOut, top_texts: list[str], offset: int) -> Optional[dict[str, Any]]:
-        """The chunk for one output, or None when it has nothing to tell (text held back)."""
-        if not out.text and not c.logprobs and out.finish_reason is None:
+        """The chunk for one output, or None when it has nothing to tell (text held back).
+
+        With tools, content streams as it comes except what may be a call (all of it when the
+        call is forced); the calls go out in the last chunk, whole, each with its `index`."""
+        delta: dict[str, Any] = {}
+        reason = finish_reason(out)
+        if c.tools is None:
+            piece = out.text
+        else:
+            c.text += out.text
+            piece = "" if c.tools.holds_text else c.content.feed(out.text)
+            if reason is not None:
+                content, calls = c.tools.parse(c.text)
+                held = c.text if c.tools.holds_text else c.content.text[: c.content.sent]
+                piece += (content or "")[len(held):] if not c.tools.holds_text else ("" if calls else c.text)
+                if calls:
+                    delta["tool_calls"] = [call.openai(index=k) for k, call in enumerate(calls)]
+                    reason = "tool_calls"
+        if piece:
+            delta = {"content": piece, **delta}
+        if not delta and not c.logprobs and reason is None:
             return None
         return {
             "index": c.index,
-            "delta": {"content": out.text} if out.text else {},
+            "delta": delta,
             "logprobs": {"content": [_chat_entry(out, top_texts)]} if c.logprobs else None,
-            "finish_reason": finish_reason(out),
+            "finish_reason": reason,
         }
 
 

@@ -6,12 +6,14 @@ validation is tested without a server. Every field this server does not implemen
 name (400) instead of being silently ignored, except at the value that means "off", which
 clients such as LangChain send on every request.
 
-Beyond OpenAI, `top_k`, `repetition_penalty` and `ignore_eos` are accepted (as vLLM does).
+Beyond OpenAI, `top_k`, `repetition_penalty`, `ignore_eos` and the `guided_*` constraints are
+accepted (as vLLM does).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -20,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from lightserve.httpserver.errors import validation_error
 from lightserve.httpserver.params import finalize_sampling, normalize_stop, resolve_max_new_tokens
-from lightserve.io_struct import SamplingParams
+from lightserve.httpserver.structured import GuidedFields
+from lightserve.httpserver.tools import Tool, ToolChoice, hermes_call_text
+from lightserve.io_struct import Grammar, SamplingParams
 from lightserve.server_args import ServerArgs
 
 # One request may fan out into at most this many generations (prompts x n): each one is a
@@ -30,12 +34,8 @@ MAX_TOP_LOGPROBS = 20  # the backend returns at most this many alternatives per 
 
 # OpenAI fields this server does not implement, with the values that mean "not used".
 UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -82,8 +82,9 @@ class StreamOptions(BaseModel):
     include_usage: Optional[bool] = None
 
 
-class CommonRequest(BaseModel):
-    """The fields `/v1/completions` and `/v1/chat/completions` share."""
+class CommonRequest(GuidedFields):
+    """The fields `/v1/completions` and `/v1/chat/completions` share (structured output's
+    `response_format` and `guided_*` come from `GuidedFields`)."""
 
     model_config = _STRICT
 
@@ -130,9 +131,12 @@ class ChatMessage(BaseModel):
 
     role: str
     # A string, or a list of content parts ({"type": "text"} / {"type": "image_url"}), checked
-    # by `chat_conversation` for messages that name the offending part.
-    content: Union[str, list[dict[str, Any]]]
+    # by `chat_conversation` for messages that name the offending part. None only in an
+    # assistant turn that called tools.
+    content: Union[str, list[dict[str, Any]], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant turn's calls, as OpenAI returned them
+    tool_call_id: Optional[str] = None  # a `tool` message: the call it answers
 
 
 class ChatCompletionRequest(CommonRequest):
@@ -140,6 +144,9 @@ class ChatCompletionRequest(CommonRequest):
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 # ---- checks beyond types ---------------------------------------------------------------------
@@ -202,7 +209,7 @@ def chat_max_tokens(req: ChatCompletionRequest) -> tuple[Optional[int], str]:
 # ---- chat messages ---------------------------------------------------------------------------
 
 # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -218,32 +225,72 @@ class ImageRef:
 class Conversation:
     """Messages ready for the tokenizer's chat template, and the images they referred to."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     images: list[ImageRef]
 
 
-def chat_conversation(messages: list[ChatMessage], image_tag: Optional[str] = None) -> Conversation:
+def chat_conversation(messages: list[ChatMessage], image_tag: Optional[str] = None,
+                      native_tools: bool = False) -> Conversation:
     """Template-ready messages: roles checked, text parts joined, image parts collected.
 
     Parts are joined with newlines; each image part becomes `image_tag` (the model's image
     token, which the intake expands into the image's placeholders), or nothing on a server
     without images (which refuses image parts, see `check_images`).
+
+    Tool turns: with `native_tools` (the template renders tools itself) an assistant turn keeps
+    its `tool_calls` (arguments as objects, as templates expect) and a tool result keeps its
+    role; otherwise both become text, the calls as Hermes `<tool_call>` blocks and a result as a
+    user turn in `<tool_response>` tags.
     """
     if not messages:
         raise validation_error("`messages` must not be empty", "messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     images: list[ImageRef] = []
     for i, msg in enumerate(messages):
         if msg.role not in ROLES:
             raise validation_error(
                 f"`messages[{i}].role`: `{msg.role}` is not supported (use one of {', '.join(ROLES)})",
                 f"messages[{i}].role")
-        text = msg.content if isinstance(msg.content, str) else _join_parts(msg.content, i, images, image_tag)
-        entry = {"role": ROLES[msg.role], "content": text}
+        if msg.content is None and not (msg.role == "assistant" and msg.tool_calls):
+            raise validation_error(f"`messages[{i}].content` is required", f"messages[{i}].content")
+        if msg.tool_calls is not None and msg.role != "assistant":
+            raise validation_error(f"`messages[{i}].tool_calls` belongs to assistant messages", f"messages[{i}].tool_calls")
+        content = msg.content or ""
+        text = content if isinstance(content, str) else _join_parts(content, i, images, image_tag)
+        entry: dict[str, Any] = {"role": ROLES[msg.role], "content": text}
         if msg.name is not None:
             entry["name"] = msg.name
+        if msg.tool_calls:
+            if native_tools:
+                entry["tool_calls"] = [_native_call(call) for call in msg.tool_calls]
+            else:
+                entry["content"] = (text + "\n" if text else "") + hermes_call_text(msg.tool_calls)
+        if msg.role == "tool":
+            if native_tools:
+                if msg.tool_call_id is not None:
+                    entry["tool_call_id"] = msg.tool_call_id
+            else:
+                entry = {"role": "user", "content": "<tool_response>\n" + text + "\n</tool_response>"}
         out.append(entry)
     return Conversation(out, images)
+
+
+def with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """`messages` with `text` at the end of the first system message (added when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": (messages[0]["content"] + "\n\n" + text).strip()}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _native_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function", {}))
+    try:
+        if isinstance(function.get("arguments"), str):
+            function["arguments"] = json.loads(function["arguments"])
+    except ValueError:
+        pass
+    return {"type": "function", "function": function, **({"id": call["id"]} if "id" in call else {})}
 
 
 def _join_parts(parts: list[dict[str, Any]], message: int, images: list[ImageRef], image_tag: Optional[str]) -> str:
@@ -296,6 +343,7 @@ def openai_sampling(
     max_tokens_field: str,
     prompt_field: str,
     logprobs: int,
+    grammar: Optional[Grammar] = None,
 ) -> list[SamplingParams]:
     """One `SamplingParams` per choice (`n` of them) for a prompt of `prompt_len` tokens.
 
@@ -314,6 +362,7 @@ def openai_sampling(
         stop=normalize_stop([req.stop] if isinstance(req.stop, str) else req.stop, "stop"),
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
+        grammar=grammar,
     )
     return [
         finalize_sampling(msgspec.structs.replace(base, stop=list(base.stop), seed=None if req.seed is None else derive_seed(req.seed, i)))

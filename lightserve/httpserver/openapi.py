@@ -155,6 +155,12 @@ def _tgi(schemas: dict[str, Schema], args: ServerArgs, new_tokens: Schema) -> No
     props["stop"] = props["stop_sequences"] = _stop()
     parameters["allOf"] = [{"not": {"required": list(pair)}} for pair in tgi_params.ALIASES]
     _unsupported(props, tgi_params.UNSUPPORTED_NEUTRAL)
+    props["grammar"] = {"anyOf": [
+        {"type": "object", "required": ["type", "value"], "additionalProperties": False,
+         "properties": {"type": {"enum": ["json", "regex"]},
+                        "value": {"anyOf": [{"type": "object"}, _STRING],
+                                  "description": "a JSON schema (`json`) or a regular expression (`regex`)"}}},
+        {"type": "null"}], "description": "structured output: the answer follows this JSON schema or regex"}
 
 
 def _openai_common(schema: Schema, model_name: str, new_tokens: Schema) -> None:
@@ -221,7 +227,9 @@ def _chat(schemas: dict[str, Schema], new_tokens: Schema, args: ServerArgs) -> N
                   "properties": {"type": {"const": "image_url"},
                                  "image_url": {"type": "object", "required": ["url"],
                                                "properties": {"url": {**_STRING, "description": url_text}}}}}
-    message["content"] = {"anyOf": [_STRING, {"type": "array", "items": {"anyOf": [text_part, image_part]}}]}
+    message["content"] = {"anyOf": [_STRING, {"type": "array", "items": {"anyOf": [text_part, image_part]}},
+                                    {"type": "null"}],
+                          "description": "null only in an assistant message that has `tool_calls`"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------

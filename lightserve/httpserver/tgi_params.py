@@ -13,6 +13,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from lightserve.httpserver.errors import validation_error
 from lightserve.httpserver.images import ImageSource
 from lightserve.httpserver.params import check_prompt_length, finalize_sampling, normalize_stop, parse_json, resolve_max_new_tokens
+from lightserve.httpserver.structured import tgi_grammar
 from lightserve.io_struct import SamplingParams
 from lightserve.server_args import ServerArgs
 
@@ -27,7 +28,6 @@ UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "typical_p": (None, 1.0),
     "watermark": (None, False),
-    "grammar": (None,),
     "top_n_tokens": (None, 0),
     "adapter_id": (None,),
 }
@@ -58,7 +58,7 @@ class TGIParameters(BaseModel):
     best_of: Optional[int] = None
     typical_p: Optional[float] = None
     watermark: Optional[bool] = None
-    grammar: Optional[Any] = None
+    grammar: Optional[Any] = None  # structured output, checked by `structured.tgi_grammar`
     top_n_tokens: Optional[int] = None
     adapter_id: Optional[str] = None
 
@@ -177,6 +177,7 @@ def tgi_sampling_params(p: TGIParameters, prompt_len: int, args: ServerArgs) -> 
         seed=p.seed,
         stop=normalize_stop(p.stop, "parameters.stop"),
         ignore_eos=bool(p.ignore_eos),
+        grammar=tgi_grammar(p.grammar),
     )
     if not samples(p):
         # Greedy only replaces a temperature of None, 1 or 0, so no out-of-range value the
