@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -79,9 +80,10 @@ class ModelEngine:
         # Values: int32 slot tensors, copies (never views) of token-table rows.
         self.prefix_cache: PrefixCache[torch.Tensor] = PrefixCache(not args.disable_prefix_cache, torch.cat)
         # Structured output: llguidance's view of the tokenizer, built when first needed
-        # (`grammars`; the server's worker asks for it at start-up, see `prepare_grammars`).
+        # (`grammars`; the server's worker has it built soon after start-up, `prepare_grammars`).
         self._tokenizer_dir = args.tokenizer_dir or model_dir
         self._grammars: Optional[GrammarMasks] = None
+        self._grammars_lock = threading.Lock()
         self._masks: Optional[MaskJob] = None  # this step's, started before its forward pass
         # Locks of requests refused at admission, held to the end of the step as the router holds them.
         self._refused_holds: list[Hold] = []
@@ -106,14 +108,17 @@ class ModelEngine:
 
     @property
     def grammars(self) -> GrammarMasks:
-        if self._grammars is None:
-            self._grammars = GrammarMasks(self._tokenizer_dir, self.cfg.vocab_size, self.eos_ids.tolist())
-        return self._grammars
+        with self._grammars_lock:  # the step and `prepare_grammars`' timer may ask at once
+            if self._grammars is None:
+                self._grammars = GrammarMasks(self._tokenizer_dir, self.cfg.vocab_size, self.eos_ids.tolist())
+            return self._grammars
 
-    def prepare_grammars(self) -> None:
-        """Start building the grammar tokenizer view now, on its thread, so that the first
-        constrained request does not wait for it."""
-        _ = self.grammars
+    def prepare_grammars(self, after_s: float) -> None:
+        """Start building the grammar tokenizer view `after_s` seconds from now, on a thread, so
+        that the first constrained request finds it ready (a request that comes sooner builds it)."""
+        timer = threading.Timer(after_s, lambda: self.grammars)
+        timer.daemon = True
+        timer.start()
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepResult:

@@ -78,7 +78,11 @@ def follow(runner: RankRunner, group) -> None:
             call = serde.RANK_IN.decode(broadcast_bytes(None, group))
         except RuntimeError as e:  # gloo: the connection to node 0 closed
             logger.info("node 0 went away (%s); stopping", str(e).splitlines()[0][:120])
-            return
+            # Leave at once: the process group is broken, and tearing it down at interpreter
+            # exit can abort in gloo's destructors ("terminate called without an active
+            # exception", exit code -6), which would look like a crash.
+            logging.shutdown()
+            os._exit(0)
         if isinstance(call, Shutdown):
             return
         runner.execute(call)
@@ -98,6 +102,9 @@ def _init_distributed(args: ServerArgs, rank: int, dist_addr: str) -> Optional[A
     return dist.new_group([0, *remote], backend="gloo")
 
 
+GRAMMAR_PREPARE_AFTER_S = 10.0
+
+
 def start_backend_process(args: ServerArgs, paths: Optional[RunPaths], model_dir: str, rank: int, dist_addr: str,
                           pipe: Connection) -> None:
     def setup():
@@ -108,7 +115,8 @@ def start_backend_process(args: ServerArgs, paths: Optional[RunPaths], model_dir
         # Every rank reads the same full-width image embeddings from the cache manager's segments.
         prefix = shm.segment_prefix(paths.run_dir) if args.enable_multimodal and paths is not None else None
         engine = ModelEngine(args, model_dir, TensorParallel(rank, args.tp), shm_prefix=prefix)
-        engine.prepare_grammars()  # on a thread: the first constrained request finds it ready
+        # Built on a thread once the other processes have started (it would slow their start-up).
+        engine.prepare_grammars(after_s=GRAMMAR_PREPARE_AFTER_S)
         info = {"max_total_token_num": engine.mem.size, "vocab_size": engine.cfg.vocab_size,
                 "attention_backend": engine.attention_backend, "dtype": str(engine.dtype)}
         if args.node_rank > 0:
