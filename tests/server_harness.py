@@ -26,7 +26,7 @@ __all__ = ["SMOL_SERVER_FLAGS", "TINY_SERVER_FLAGS", "ServerProcess", "assert_st
 # The flags of the two servers the whole session shares (conftest.py: `tiny_server`, `smol_server`);
 # a test that needs other flags starts a server of its own.
 TINY_SERVER_FLAGS = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024",
-                     "--log_level", "warning")
+                     "--log_level", "info", "--log_stats_interval", "0.2")
 SMOL_SERVER_FLAGS = ("--data_type", "float32", "--max_total_token_num", "2048", "--max_req_total_len", "512",
                      "--log_level", "warning")
 

@@ -195,13 +195,11 @@ def test_two_servers_side_by_side_and_clean_sigterm(tiny_server, tiny_served_mod
     assert generate(a.url, "hello there", max_new_tokens=8, ignore_eos=True) == ra
 
 
-def test_router_logs_throughput_and_load_while_busy(tiny_served_model):
-    flags = ("--data_type", "float32", "--max_total_token_num", "6000", "--max_req_total_len", "1024",
-             "--log_level", "info", "--log_stats_interval", "0.2")
-    with ServerProcess(tiny_served_model, *flags) as server:
-        # About 1.5 s of decoding: several 0.2 s stats intervals with the request running.
-        generate(server.url, "a long answer please", max_new_tokens=600, ignore_eos=True)
-        log = server.read_log()
+def test_router_logs_throughput_and_load_while_busy(tiny_server):
+    # The shared server logs at info level, its router's stats line every 0.2 s (TINY_SERVER_FLAGS).
+    # About 1.5 s of decoding: several stats intervals with the request running.
+    generate(tiny_server.url, "a long answer please", max_new_tokens=600, ignore_eos=True)
+    log = tiny_server.read_log()
     lines = re.findall(r"router: prompt ([\d.]+) tok/s, generation ([\d.]+) tok/s, (\d+) running, (\d+) waiting, "
                        r"KV ([\d.]+)% of 6000 slots", log)
     assert lines, log[-3000:]

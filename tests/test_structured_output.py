@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import httpx
@@ -274,3 +275,40 @@ def test_tool_round_trip(smol_client, tool_choice: Any, stream: bool) -> None:
                 {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
             {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"celsius": 21, "sky": "sunny"})}])
     assert follow.choices[0].message.content
+
+
+def test_auto_tool_choice_streams_what_it_answers(smol_client) -> None:
+    """With `tool_choice: "auto"` the answer is free: streamed or not, the same content and calls."""
+    kwargs = dict(model="SmolLM2-135M-Instruct", tools=[WEATHER_TOOL, TIME_TOOL], temperature=0, max_tokens=40,
+                  messages=WEATHER)
+    plain = smol_client.chat.completions.create(**kwargs).choices[0]
+    chunks = list(smol_client.chat.completions.create(stream=True, **kwargs))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+    assert content == (plain.message.content or "")
+    assert [(c.function.name, c.function.arguments) for c in calls] == \
+        [(c.function.name, c.function.arguments) for c in plain.message.tool_calls or []]
+    assert chunks[-1].choices[0].finish_reason == plain.finish_reason
+
+
+def test_a_constrained_stream_cut_short_frees_its_kv(tiny_server) -> None:
+    url = tiny_server.url
+    body = {"inputs": "Notes:", "parameters": {"max_new_tokens": 400, "grammar": {"type": "json", "value": {
+        "type": "object", "properties": {"notes": {"type": "string", "minLength": 1000}}, "required": ["notes"]}}}}
+    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=60) as r:
+        for n, line in enumerate(r.iter_lines()):
+            if n >= 6:
+                break  # the client goes away mid-answer
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(url, "lightserve_kv_slots_used") > 0:
+        time.sleep(0.1)
+    assert _metric(url, "lightserve_kv_slots_used") == 0
+    assert httpx.post(url + "/generate", json=body | {"parameters": body["parameters"] | {"max_new_tokens": 8}},
+                      timeout=60).status_code == 200
+
+
+def _metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return next(s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+                for s in f.samples if s.name == name)

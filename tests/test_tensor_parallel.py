@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import httpx
@@ -13,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lightserve import LLM, SamplingParams
 from lightserve.backend.engine import ModelEngine
 from lightserve.backend.parallel import TensorParallel
-from lightserve.io_struct import GenerateReq
+from lightserve.io_struct import GenerateReq, Grammar
 from lightserve.server_args import ServerArgs
 from tests.engine_steps import decode, prefill
 from tests.server_harness import ServerProcess
@@ -128,9 +129,15 @@ def test_two_nodes_on_loopback_serve_a_request(tiny_served_model, tiny_llm_expec
                               "--device", "cpu", "--node_rank", "1", *common])
     try:
         with ServerProcess(tiny_served_model, "--node_rank", "0", *common) as node0:
-            prompt, expected = tiny_llm_expected
+            prompt, expected, constrained = tiny_llm_expected
             body = _generate(node0.url, prompt, len(expected.token_ids))
             assert [t["id"] for t in body["details"]["tokens"]] == expected.token_ids
+            # Structured output: each rank runs its own grammar matchers, which must stay in step.
+            r = httpx.post(node0.url + "/generate", timeout=120, json={"inputs": prompt, "parameters": {
+                "max_new_tokens": 60, "do_sample": True, "seed": 3, "details": True,
+                "grammar": {"type": "regex", "value": TP_REGEX}}})
+            assert [t["id"] for t in r.json()["details"]["tokens"]] == constrained.token_ids
+            assert re.fullmatch(TP_REGEX, r.json()["generated_text"])
         assert node1.wait(30) == 0  # node 1 stops by itself when node 0 goes away
     finally:
         if node1.poll() is None:
@@ -142,7 +149,12 @@ def tiny_llm_expected(tiny_served_model):
     llm = LLM(str(tiny_served_model), data_type="float32", device="cpu", max_total_token_num=4000)
     prompt = "The river runs"
     out = llm.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
-    return prompt, out
+    constrained = llm.generate(prompt, SamplingParams(max_new_tokens=60, temperature=1.0, seed=3,
+                                                      grammar=Grammar("regex", TP_REGEX)))[0].outputs[0]
+    return prompt, out, constrained
+
+
+TP_REGEX = "[a-z]{1,8}( [a-z]{1,8}){2,5}\\."
 
 
 def test_a_dying_rank_takes_the_server_down_cleanly(tiny_served_model):
