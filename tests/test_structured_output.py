@@ -25,7 +25,7 @@ from lightserve.httpserver.errors import ApiError
 from lightserve.httpserver.openai_params import ChatCompletionRequest
 from lightserve.httpserver.params import parse_json
 from lightserve.httpserver.structured import openai_grammar, tgi_grammar
-from lightserve.httpserver.tools import ContentStream, parse_hermes, plan_tools
+from lightserve.httpserver.tools import ContentStream, parse_hermes, parse_tool_calls, plan_tools
 from lightserve.io_struct import Grammar
 from tests.engine_steps import assert_kv_whole
 from tests.structured_cases import CHOICES, REGEXES, SCHEMAS, TOPICS, json_prompt
@@ -109,9 +109,21 @@ def test_hermes_calls_are_parsed_and_the_rest_is_content() -> None:
     assert content.strip() == "Let me check."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
     assert parse_hermes("no calls <tool_call>not json</tool_call>") == ("no calls <tool_call>not json</tool_call>", [])
+    # The other families' forms: Mistral's tagged list, a bare Llama-3 call; plain JSON is content.
+    for text in ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": "UTC"}}]',
+                 '{"name": "get_time", "parameters": {"zone": "UTC"}}'):
+        content, calls = parse_tool_calls(text)
+        assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"zone": "UTC"})]
+    assert parse_tool_calls('{"zone": "UTC"}') == ('{"zone": "UTC"}', [])
     stream = ContentStream()
     assert [stream.feed(p) for p in ("Hi ", "there <to", "ol_c", "all>{", '"name"')] == ["Hi ", "there ", "", "", ""]
     assert stream.feed("x") == "" and stream.in_call
+    whole = ContentStream()  # an answer that starts as JSON may be a bare call: held to the end
+    assert [whole.feed(p) for p in (" ", '{"name"', ": 1}")] == ["", "", ""] and whole.in_call
+    tagged = ContentStream()
+    assert [tagged.feed(p) for p in ("[TOOL", "_CALLS]", " [")] == ["", "", ""] and tagged.in_call
+    prose = ContentStream()
+    assert [prose.feed(p) for p in ("  ", "The", " end")] == ["", "  The", " end"]
 
 
 def test_bitmask_paths_agree() -> None:

@@ -7,7 +7,8 @@ message of ours, which asks for calls in the Hermes form the parser below reads:
 
 `tool_choice`:
 - "none": the tools are left out of the prompt and the answer is plain text;
-- "auto" (the default with tools): the answer is free; `<tool_call>` blocks in it become
+- "auto" (the default with tools): the answer is free; the calls in it (Hermes `<tool_call>`
+  blocks, Mistral's `[TOOL_CALLS]` list or a bare Llama-3 JSON call, `parse_tool_calls`) become
   `tool_calls`, the text around them `content`;
 - "required": the answer is constrained (a JSON schema) to a list of one or more calls of the
   given tools, each `{"name", "arguments"}` with the function's own parameter schema (one call
@@ -105,7 +106,7 @@ class ToolPlan:
                 return text, []
             return None, [ToolCall(c["name"], json.dumps(c["arguments"])) for c in calls]
         if self.mode == "auto":
-            return parse_hermes(text)
+            return parse_tool_calls(text)
         return text, []
 
     @property
@@ -196,6 +197,29 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 OPEN_TAG = "<tool_call>"
 
 
+MISTRAL_TAG = "[TOOL_CALLS]"
+
+
+def parse_tool_calls(text: str) -> tuple[Optional[str], list[ToolCall]]:
+    """The calls in a free answer, in the forms the supported families' models write them:
+    Hermes `<tool_call>` blocks (Qwen2, and what our system message asks for), Mistral's
+    `[TOOL_CALLS] [{...}, ...]`, or an answer that is nothing but one JSON call object or a
+    list of them (Llama 3's `{"name": ..., "parameters": ...}`). Anything else is content."""
+    stripped = text.strip()
+    if stripped.startswith(MISTRAL_TAG):
+        stripped = stripped[len(MISTRAL_TAG):].strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            value = json.loads(stripped)
+        except ValueError:
+            value = None
+        items = value if isinstance(value, list) else [value]
+        calls = [_call_of(json.dumps(item)) for item in items] if items and value is not None else []
+        if calls and all(calls):
+            return None, calls  # type: ignore[return-value]
+    return parse_hermes(text)
+
+
 def parse_hermes(text: str) -> tuple[Optional[str], list[ToolCall]]:
     """`<tool_call>{json}</tool_call>` blocks (a last one may lack its closing tag) as calls;
     the text outside them is the content (None when only whitespace). A block that is not a
@@ -244,6 +268,12 @@ class ContentStream:
         """The content that can go out now."""
         self.text += piece
         if self.in_call:
+            return ""
+        head = self.text.lstrip()
+        if self.sent == 0 and (not head or head[0] in "{["):
+            # Nothing sent yet, and the answer may be a whole call (Mistral's `[TOOL_CALLS]` list,
+            # a bare JSON call): all of it waits for the end, where `parse_tool_calls` decides.
+            self.in_call = bool(head)
             return ""
         at = self.text.find(OPEN_TAG, self.sent)
         if at >= 0:
