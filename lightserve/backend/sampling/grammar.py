@@ -96,7 +96,7 @@ class GrammarMasks:
 
     def __init__(self, tokenizer_dir: str, vocab_size: int, eos_ids: Sequence[int]):
         self.vocab_size = vocab_size
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-tokenizer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._tokenizer: Future[llguidance.LLTokenizer] = self._pool.submit(
             _build_tokenizer, tokenizer_dir, vocab_size, sorted(eos_ids))
         self._executor = llguidance.LLExecutor()
@@ -114,7 +114,7 @@ class GrammarMasks:
             raise ValueError(f"grammar: the tokens generated before a pause no longer match it: {matcher.get_error()}")
         return matcher
 
-    def start(self, req_ids: list[int], matchers: list[Matcher]) -> "MaskJob":
+    def start(self, req_ids: list[int], matchers: list[Matcher]) -> MaskJob:
         """Compute the masks of `matchers` on this object's thread, while the caller goes on (the
         engine runs the forward pass meanwhile). The matchers must not move until `MaskJob.wait`."""
         bitmask = torch.empty(len(matchers), self._words, dtype=torch.int32)
@@ -124,7 +124,7 @@ class GrammarMasks:
         return MaskJob({req_id: i for i, req_id in enumerate(req_ids)}, bitmask, future)
 
     def constrain(self, logits: torch.Tensor, rows: list[int], req_ids: list[int], matchers: list[Matcher],
-                  job: Optional["MaskJob"] = None) -> None:
+                  job: Optional[MaskJob] = None) -> None:
         """Set to -inf, in place, every logit of `rows` (the rows of `req_ids`) that its matcher
         does not allow next; the masks come from `job` when it holds every one of them."""
         if job is None or any(r not in job.row_of for r in req_ids):
