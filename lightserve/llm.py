@@ -16,6 +16,7 @@ from lightserve.detokenization.manager import TextAssembler
 from lightserve.io_struct import FinishReason, GenerateReq, SamplingParams
 from lightserve.router.scheduler import Scheduler
 from lightserve.server_args import ServerArgs
+from lightserve.utils.grammar import compile_grammar
 
 Prompt = Union[str, list[int]]
 
@@ -91,6 +92,8 @@ class LLM:
 
     def _make_request(self, prompt: Prompt, params: SamplingParams) -> GenerateReq:
         params.validate()
+        if params.grammar is not None:
+            compile_grammar(params.grammar)  # a bad one raises here, as the server answers 400
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         why = self.queue.check_request_fits(len(ids), params.max_new_tokens)
         if why is not None:

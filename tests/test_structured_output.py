@@ -175,6 +175,12 @@ def test_random_model_answers_validate_greedy_and_sampled(tiny) -> None:
     assert_kv_whole(tiny.engine)
 
 
+def test_offline_llm_refuses_a_bad_grammar_before_running(tiny) -> None:
+    with pytest.raises(ValueError, match="unclosed group"):
+        tiny.generate("x", constrained("regex", "a(b", temperature=0.0))
+    assert tiny.engine.num_running == 0
+
+
 def test_regex_and_choice_answers_match_in_full(tiny) -> None:
     cases = [("regex", REGEXES["date"]), ("regex", REGEXES["email"]), ("choice", json.dumps(CHOICES))]
     prompts = [f"Give a value #{i}." for i in range(4)]

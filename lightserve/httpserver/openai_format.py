@@ -49,9 +49,11 @@ class ChoiceInfo:
     logprobs: bool  # whether the client asked for logprobs
     echo: str = ""  # completions: the prompt text to put before the answer
     tools: Optional[ToolPlan] = None  # chat with tools: the answer may hold calls
-    # A stream of a choice with tools: its text so far and the content already sent.
-    text: str = ""
-    content: ContentStream = field(default_factory=ContentStream)
+    # A stream of a choice with tools: its text so far and how much of it went out as content.
+    content: ContentStream = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.content = ContentStream(hold_all=self.tools is not None and self.tools.holds_text)
 
 
 class ChatFormat:
@@ -85,12 +87,10 @@ class ChatFormat:
         if c.tools is None:
             piece = out.text
         else:
-            c.text += out.text
-            piece = "" if c.tools.holds_text else c.content.feed(out.text)
-            if reason is not None:
-                content, calls = c.tools.parse(c.text)
-                held = c.text if c.tools.holds_text else c.content.text[: c.content.sent]
-                piece += (content or "")[len(held):] if not c.tools.holds_text else ("" if calls else c.text)
+            piece = c.content.feed(out.text)
+            if reason is not None:  # the rest of the content: no call comes before what was sent
+                content, calls = c.tools.parse(c.content.text)
+                piece += (content or "")[c.content.sent:]
                 if calls:
                     delta["tool_calls"] = [call.openai(index=k) for k, call in enumerate(calls)]
                     reason = "tool_calls"

@@ -257,12 +257,13 @@ def _call_of(body: str) -> Optional[ToolCall]:
 
 class ContentStream:
     """Streams the content of an "auto" answer while holding back whatever might be the start
-    of a `<tool_call>` block; everything from the first block on waits for the end."""
+    of a call; everything from the first call on waits for the end. With `hold_all` (a forced
+    call: the answer is the call) nothing goes out before the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_all: bool = False) -> None:
         self.text = ""
         self.sent = 0
-        self.in_call = False
+        self.in_call = hold_all
 
     def feed(self, piece: str) -> str:
         """The content that can go out now."""
