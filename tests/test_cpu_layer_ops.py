@@ -14,6 +14,7 @@ import torch
 
 from lightserve.backend import cpu_kernels
 from lightserve.backend.cpu_kernels import layer_ops
+from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.torch_ops import TorchOps
 
 pytestmark = pytest.mark.skipif(
@@ -104,7 +105,7 @@ def test_write_kv_fills_exactly_the_given_slots(dtype):
     v = qkv[:, 3 * hk * d: 4 * hk * d].view(rows, hk, d)
     slots = torch.randperm(slots_total, generator=torch.Generator().manual_seed(4))[:rows]
     expected_k, expected_v = torch.zeros(slots_total, hk, d, dtype=dtype), torch.zeros(slots_total, hk, d, dtype=dtype)
-    TorchOps.write_kv(expected_k, expected_v, slots, k, v)
+    TorchOps.write_kv(LayerKV(expected_k, expected_v), slots, k, v)
     k_cache, v_cache = torch.zeros_like(expected_k), torch.zeros_like(expected_v)
     layer_ops.write_kv(k_cache, v_cache, slots, k, v)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)

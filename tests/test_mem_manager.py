@@ -146,23 +146,35 @@ TestPoolMachine = PoolMachine.TestCase
 @pytest.mark.parametrize("device", DEVICES)
 def test_buffers_shape_dtype_device(device: str) -> None:
     pool = small_pool(device)
-    assert len(pool.k_buffer) == len(pool.v_buffer) == 3
-    for buf in pool.k_buffer + pool.v_buffer:
+    buffers = [t for layer in pool.layers for t in (layer.k, layer.v)]
+    assert len(pool.layers) == 3 and not any(layer.quantized for layer in pool.layers)
+    for buf in buffers:
         assert buf.shape == (SIZE, 2, 4)
         assert buf.dtype == torch.float16
         assert buf.device.type == device
         assert not bool(buf.isnan().any())
     assert pool.mem_state.dtype == torch.bool and pool.mem_state.device.type == device
     # Every layer and K/V own separate storage: writing one must not show up in another.
-    pool.k_buffer[0][5].fill_(1.0)
-    assert all(float(b.abs().sum()) == 0.0 for b in pool.k_buffer[1:] + pool.v_buffer)
+    buffers[0][5].fill_(1.0)
+    assert all(float(b.abs().sum()) == 0.0 for b in buffers[1:])
 
 
-def test_bytes_per_token_matches_buffers() -> None:
-    pool = small_pool()
-    total = sum(b.numel() * b.element_size() for b in pool.k_buffer + pool.v_buffer)
-    assert MemoryManager.bytes_per_token(torch.float16, 2, 4, 3) * SIZE == total
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
+def test_bytes_per_token_matches_buffers(kv_dtype) -> None:
+    pool = MemoryManager(SIZE, torch.float16, 2, 4, 3, kv_dtype=kv_dtype)
+    buffers = [t for layer in pool.layers for t in (layer.k, layer.v, layer.k_scale, layer.v_scale) if t is not None]
+    total = sum(b.numel() * b.element_size() for b in buffers)
+    assert MemoryManager.bytes_per_token(pool.kv_dtype, 2, 4, 3) * SIZE == total
     assert MemoryManager.bytes_per_token(torch.float32, 3, 64, 30) == 2 * 30 * 3 * 64 * 4
+    # SmolLM2's rows: an int8 pool holds 128 / 68 = 1.88x the tokens of a bf16 one in the same bytes.
+    assert MemoryManager.bytes_per_token(torch.int8, 3, 64, 30) == 2 * 30 * 3 * (64 + 4)
+
+
+def test_int8_pool_layers_carry_scales() -> None:
+    pool = MemoryManager(SIZE, torch.bfloat16, 2, 4, 3, kv_dtype=torch.int8)
+    for layer in pool.layers:
+        assert layer.quantized and layer.k.dtype == layer.v.dtype == torch.int8
+        assert layer.k_scale.shape == layer.v_scale.shape == (SIZE, 2) and layer.k_scale.dtype == torch.float32
 
 
 def test_alloc_zero_and_negative() -> None:

@@ -30,6 +30,7 @@ from lightserve.backend.kernels.context_attention import context_attention  # no
 from lightserve.backend.kernels.ops import TritonOps  # noqa: E402
 from lightserve.backend.kernels.token_attention_decode import plan_decode, token_attention_decode  # noqa: E402
 from lightserve.backend.kernels.triton_attention import TritonAttention  # noqa: E402
+from lightserve.backend.mem_manager import LayerKV  # noqa: E402
 from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
 from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
 from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan  # noqa: E402
@@ -199,7 +200,7 @@ def test_backend_matches_torch_attention_on_a_mixed_step(dtype: torch.dtype):
     torch_state, triton_state = _state(pool, 2, new_lens), _state(pool, 2, new_lens)
     q = torch.randn(2 + sum(new_lens), heads, head_dim, generator=gen).to(dtype)
     k, v = pool.k_cache[torch_state.out_slots], pool.v_cache[torch_state.out_slots]
-    kv = (pool.k_cache, pool.v_cache)
+    kv = LayerKV(pool.k_cache, pool.v_cache)
     torch_attn.begin_step(torch_state)
     triton_attn.begin_step(triton_state)
     expected = torch_attn.forward(q, k, v, kv, torch_state).float()
@@ -267,7 +268,7 @@ def test_write_kv_scatters_strided_kv_into_slots(slot_dtype: torch.dtype):
     k_cache, v_cache = torch.zeros(pool_size, kv_heads, head_dim, dtype=torch.float16), torch.zeros(
         pool_size, kv_heads, head_dim, dtype=torch.float16)
     expected_k, expected_v = k_cache.clone().index_copy_(0, slots, k), v_cache.clone().index_copy_(0, slots, v)
-    TritonOps.write_kv(k_cache, v_cache, slots.to(slot_dtype), k, v)
+    TritonOps.write_kv(LayerKV(k_cache, v_cache), slots.to(slot_dtype), k, v)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 

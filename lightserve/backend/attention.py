@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lightserve.backend.forward_state import ForwardState
+from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.torch_ops import TorchOps
 
 logger = logging.getLogger(__name__)
@@ -39,16 +40,15 @@ class MixedStepAttention:
     (`ForwardState`); the projections around attention ran over all of them at once.
     """
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV,
                 state: ForwardState) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] of the step's tokens; their K/V are already in `kv_cache`."""
+        """q [T, Hq, D], k/v [T, Hkv, D] of the step's tokens; their K/V are already in `kv`."""
         nd = state.num_decode
         if not state.num_prefill:
-            return self.decode(q, kv_cache[0], kv_cache[1], state)
+            return self.decode(q, kv, state)
         if not nd:
-            return self.prefill(q, k, v, state, kv_cache)
-        return torch.cat([self.decode(q[:nd], kv_cache[0], kv_cache[1], state),
-                          self.prefill(q[nd:], k[nd:], v[nd:], state, kv_cache)])
+            return self.prefill(q, k, v, state, kv)
+        return torch.cat([self.decode(q[:nd], kv, state), self.prefill(q[nd:], k[nd:], v[nd:], state, kv)])
 
 
 @dataclass
@@ -104,24 +104,25 @@ class TorchAttention(MixedStepAttention):
                 meta.prefix_rows[j] = (slots, mask)
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] of the prefill rows' new tokens (K/V already in the pool)."""
         out = torch.empty_like(q)
-        self._prefill_rows(q, k, v, state, kv_cache, out, range(state.num_prefill))
+        self._prefill_rows(q, k, v, state, kv, out, range(state.num_prefill))
         return out
 
     def _prefill_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
-                      kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, rows) -> None:
+                      kv: LayerKV, out: torch.Tensor, rows) -> None:
         """Attention of prefill rows `rows` into `out`. A chunk without a prefix attends its own
-        new k/v; one with a prefix reads every position through the token table."""
+        new k/v; one with a prefix reads every position through the token table (dequantized from
+        an int8 pool; a chunk's own new tokens are then read back quantized too, as a later chunk
+        would read them)."""
         meta: _TorchMeta = state.attn_meta
         for j in rows:
             start, n = state.b_start[j], state.b_new_len[j]
             qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
             if j in meta.prefix_rows:
                 slots, mask = meta.prefix_rows[j]
-                ki = kv_cache[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
-                vi = kv_cache[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in kv.gather(slots, q.dtype))
                 oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
             else:
                 ki = k[start : start + n].transpose(0, 1).unsqueeze(0)
@@ -129,12 +130,11 @@ class TorchAttention(MixedStepAttention):
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
             out[start : start + n] = oi[0].transpose(0, 1)
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, kv: LayerKV, state: ForwardState) -> torch.Tensor:
         """q [B, Hq, D] of the decode rows' one new token each; K/V read through the token table."""
         meta: _TorchMeta = state.attn_meta
         batch, max_len = q.shape[0], meta.decode_len
-        k = k_cache.index_select(0, meta.decode_slots).view(batch, max_len, self.num_kv_heads, self.head_dim)
-        v = v_cache.index_select(0, meta.decode_slots).view(batch, max_len, self.num_kv_heads, self.head_dim)
+        k, v = (t.view(batch, max_len, self.num_kv_heads, self.head_dim) for t in kv.gather(meta.decode_slots, q.dtype))
         # Fold the query heads of one KV group into the query length: one matmul per KV head.
         qg = q.reshape(batch, self.num_kv_heads, self.group, self.head_dim)
         o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.decode_mask,
@@ -162,9 +162,9 @@ class CpuNativeAttention(TorchAttention):
         self._plan_prefix_rows(state, meta)
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         if not (self._c_prefill and q.dtype == torch.bfloat16):
-            return super().prefill(q, k, v, state, kv_cache)
+            return super().prefill(q, k, v, state, kv)
         # The C kernel takes the chunks that start a request (no prefix); the others read their
         # prefix through the token table in torch.
         meta: _TorchMeta = state.attn_meta
@@ -175,13 +175,14 @@ class CpuNativeAttention(TorchAttention):
                 torch.tensor([state.b_new_len[j] for j in fresh], dtype=torch.int64), self.scale)
         else:
             out = torch.empty_like(q)
-        self._prefill_rows(q, k, v, state, kv_cache, out, meta.prefix_rows)
+        self._prefill_rows(q, k, v, state, kv, out, meta.prefix_rows)
         return out
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, kv: LayerKV, state: ForwardState) -> torch.Tensor:
         nd = state.num_decode
         return self._kernels.token_decode_attention(
-            q, k_cache, v_cache, state.req_to_token, state.b_req_idx[:nd], state.b_seq_len[:nd], self.scale
+            q, kv.k, kv.v, state.req_to_token, state.b_req_idx[:nd], state.b_seq_len[:nd], self.scale,
+            k_scale=kv.k_scale, v_scale=kv.v_scale,
         )
 
 

@@ -74,7 +74,7 @@ class ModelEngine:
             most_useful=args.running_max_req_size * args.max_req_total_len,
         )
         self.mem = MemoryManager(size, self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers, self.device)
-        self.kv_cache = list(zip(self.mem.k_buffer, self.mem.v_buffer))
+        self.kv_cache = self.mem.layers
         self.req_manager = ReqManager(args.running_max_req_size, args.max_req_total_len, self.device)
         self.eos_ids = torch.tensor(sorted(self._eos_ids(model_dir)), dtype=torch.long, device=self.device)
         # Values: int32 slot tensors, copies (never views) of token-table rows.

@@ -17,9 +17,56 @@ anything.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
+
+# KV element types a pool may store. int8 keeps one fp32 scale per token and head beside the
+# values (`LayerKV`); the pool then holds about twice the tokens of a bf16 one in the same bytes.
+KV_DTYPES = {"auto": None, "int8": torch.int8}
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's K/V pool: `k`/`v` [S, Hkv, D] in the model's dtype, or int8 with `k_scale`/
+    `v_scale` [S, Hkv] fp32 beside them (value = int8 * scale, symmetric, per token and head;
+    `quantize_kv` is the reference arithmetic every write path follows)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: Optional[torch.Tensor] = None
+    v_scale: Optional[torch.Tensor] = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `slots` [N] as [N, Hkv, D] of `dtype` (dequantized from an int8 pool)."""
+        k, v = self.k.index_select(0, slots), self.v.index_select(0, slots)
+        if not self.quantized:
+            return k, v
+        return (dequantize_kv(k, self.k_scale.index_select(0, slots), dtype),
+                dequantize_kv(v, self.v_scale.index_select(0, slots), dtype))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H, D] -> (int8 [T, H, D], fp32 scale [T, H]): symmetric per token and head.
+
+    The arithmetic every kernel reproduces bit for bit: in fp32, scale = absmax / 127 and
+    q = round-half-even(x * (127 / absmax)); an all-zero row has scale 0 and q 0.
+    """
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    q = torch.round(xf * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, absmax / 127.0
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, H, D] and fp32 scale [N, H] -> values of `dtype` (product rounded once, in fp32)."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
 class KVCacheFull(RuntimeError):
@@ -42,20 +89,26 @@ class MemoryManager:
         head_dim: int,
         layer_num: int,
         device: torch.device | str = "cpu",
+        kv_dtype: Optional[torch.dtype] = None,
     ) -> None:
+        """`dtype` is the model's; `kv_dtype` torch.int8 stores K/V quantized (None: `dtype`)."""
         if size <= 0:
             raise ValueError(f"KV pool size must be positive, got {size}")
         self.size = size
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         self.device = torch.device(device)
+
         # Zeroed rather than left uninitialised: attention paths that pad a batch read slots no
         # request wrote, and NaN garbage there would survive a zero attention weight (0 * NaN).
-        self.k_buffer = [
-            torch.zeros(size, head_num, head_dim, dtype=dtype, device=self.device)
-            for _ in range(layer_num)
-        ]
-        self.v_buffer = [
-            torch.zeros(size, head_num, head_dim, dtype=dtype, device=self.device)
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        quantized = self.kv_dtype == torch.int8
+        self.layers = [
+            LayerKV(zeros(size, head_num, head_dim, dtype=self.kv_dtype), zeros(size, head_num, head_dim, dtype=self.kv_dtype),
+                    *((zeros(size, head_num, dtype=torch.float32), zeros(size, head_num, dtype=torch.float32))
+                      if quantized else ()))
             for _ in range(layer_num)
         ]
         self.mem_state = torch.ones(size, dtype=torch.bool, device=self.device)
@@ -69,10 +122,12 @@ class MemoryManager:
         self._arange = torch.arange(size + 1, dtype=torch.int32, device=self.device)
 
     @staticmethod
-    def bytes_per_token(dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int) -> int:
-        """Bytes one token slot takes over all layers (K and V), for sizing the pool."""
-        element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * layer_num * head_num * head_dim * element_size
+    def bytes_per_token(kv_dtype: torch.dtype, head_num: int, head_dim: int, layer_num: int) -> int:
+        """Bytes one token slot takes over all layers (K and V, and their scales in an int8
+        pool), for sizing the pool."""
+        element_size = torch.empty((), dtype=kv_dtype).element_size()
+        scale_bytes = 4 if kv_dtype == torch.int8 else 0
+        return 2 * layer_num * head_num * (head_dim * element_size + scale_bytes)
 
     def _first_window(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device scalars (start, found) of the first window of `n` free slots, in O(size).

@@ -33,6 +33,8 @@ def token_decode_attention(
     b_seq_len: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token per request, reading K/V through the token table.
 
@@ -56,6 +58,8 @@ def token_decode_attention(
         RuntimeError: the kernels are unavailable (see :func:`build.unavailable_reason`).
         ValueError: bad shapes, dtypes, devices or layouts, or an index out of range.
     """
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError("int8 KV decode attention in C")
     lib = build.require()
     check_rows("q", q, 3)
     check_rows("k_cache", k_cache, 3)

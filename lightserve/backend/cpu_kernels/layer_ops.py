@@ -14,6 +14,7 @@ import torch
 
 from lightserve.backend.cpu_kernels import build
 from lightserve.backend.cpu_kernels.checks import check_rows
+from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.torch_ops import adjacent_heads
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -93,9 +94,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+             v: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """k_cache[slots] = k and v_cache[slots] = v, rows [T, Hkv, D]; ValueError (nothing written)
-    if a slot is outside the pool."""
+    if a slot is outside the pool. An int8 pool (with k_scale/v_scale [S, Hkv] fp32) gets the rows
+    quantized as `mem_manager.quantize_kv` does."""
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError("int8 KV write in C")
     dtype = k_cache.dtype
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         check_rows(name, t, dtype=dtype)
@@ -122,4 +126,7 @@ class CpuOps:
     add_rms_norm = staticmethod(add_rms_norm)
     rotary = staticmethod(rotary)
     silu_and_mul = staticmethod(silu_and_mul)
-    write_kv = staticmethod(write_kv)
+
+    @staticmethod
+    def write_kv(kv: LayerKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_kv(kv.k, kv.v, slots, k, v, kv.k_scale, kv.v_scale)

@@ -107,13 +107,16 @@ def _context_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, rows_ptr, b_seq_len
 def context_attention(q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor, table: torch.Tensor,
                       rows: torch.Tensor, b_seq_len: torch.Tensor, b_new_len: torch.Tensor,
                       b_q_start: torch.Tensor, max_new_len: int, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the packed queries q [T, Hq, D]; returns [T, Hq, D].
 
     k_src/v_src [S, Hkv, D]: where K/V live (the pool, or the packed new k/v); table [R, L]
     int32 with rows [B] int32 selecting each request's row; b_seq_len, b_new_len, b_q_start
     int32 [B] as in the module docstring; max_new_len = max(b_new_len) (sets the grid).
     """
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError("int8 KV context attention in Triton")
     check_device(q.device)
     n_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_src.shape[1]

@@ -30,8 +30,12 @@ def _kv_copy_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write k/v [T, H, D] into k_cache/v_cache [S, H, D] at rows `slots` [T] (int32 or int64)."""
+             k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Write k/v [T, H, D] into k_cache/v_cache [S, H, D] at rows `slots` [T] (int32 or int64).
+    An int8 pool (with k_scale/v_scale [S, H] fp32) gets them quantized as `mem_manager.quantize_kv` does."""
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError("int8 KV write in Triton")
     check_device(k.device)
     n_tokens, n_heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape[1:] != k.shape[1:] or v_cache.shape != k_cache.shape:

@@ -168,13 +168,16 @@ def _decode_reduce_kernel(mid_out_ptr, mid_lse_ptr, b_seq_len_ptr, out_ptr,
 
 def token_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            req_to_token: torch.Tensor, b_req_idx: torch.Tensor, b_seq_len: torch.Tensor,
-                           plan: DecodePlan, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                           plan: DecodePlan, scale: float, out: torch.Tensor | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, D] over each request's first b_seq_len[b] positions; returns [B, Hq, D].
 
     k_cache/v_cache [S, Hkv, D] are the pool; req_to_token [R, Lmax] (int32) maps a request's
     positions to slots; b_req_idx/b_seq_len (int32, [B]) pick the row and length per request;
     `plan` must come from `plan_decode` with this batch's size and longest length.
     """
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError("int8 KV decode attention in Triton")
     check_device(q.device)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from lightserve.backend.forward_state import ForwardState
+from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.attention import MixedStepAttention
 from lightserve.backend.kernels.context_attention import context_attention
 from lightserve.backend.kernels.ops import TritonOps
@@ -76,16 +77,17 @@ class TritonAttention(MixedStepAttention):
         state.attn_meta = plan
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ForwardState,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: LayerKV) -> torch.Tensor:
         """q [T, Hq, D] of the prefill rows' new tokens; K/V of every position (a prefix from
         earlier steps and the new tokens, already written) read through ``state.req_to_token``."""
         plan: PrefillPlan = state.attn_meta.prefill
-        return context_attention(q, kv_cache[0], kv_cache[1], state.req_to_token, plan.b_req_idx, plan.b_seq_len,
-                                 plan.b_new_len, plan.b_q_start, plan.max_new_len, self.scale)
+        return context_attention(q, kv.k, kv.v, state.req_to_token, plan.b_req_idx, plan.b_seq_len,
+                                 plan.b_new_len, plan.b_q_start, plan.max_new_len, self.scale,
+                                 k_scale=kv.k_scale, v_scale=kv.v_scale)
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               state: ForwardState) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, kv: LayerKV, state: ForwardState) -> torch.Tensor:
         """q [B, Hq, D] of the decode rows' one new token each; K/V read through the token table in place."""
         nd = state.num_decode
-        return token_attention_decode(q, k_cache, v_cache, state.req_to_token, state.b_req_idx[:nd],
-                                      state.b_seq_len[:nd], state.attn_meta.decode, self.scale)
+        return token_attention_decode(q, kv.k, kv.v, state.req_to_token, state.b_req_idx[:nd],
+                                      state.b_seq_len[:nd], state.attn_meta.decode, self.scale,
+                                      k_scale=kv.k_scale, v_scale=kv.v_scale)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lightserve.backend.forward_state import ForwardState
+from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.models.linear import Linear
 from lightserve.backend.models.rotary import RotaryTable
@@ -70,7 +71,7 @@ class DecoderLayer:
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
 
-    def forward(self, hidden: torch.Tensor, state: ForwardState, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: ForwardState, kv: LayerKV) -> torch.Tensor:
         x = self.attention_norm(hidden)
         q, k, v = self.qkv(x)
         q, k = self.rotary(q, k, state)
@@ -97,10 +98,10 @@ class DecoderLayer:
     def rotary(self, q: torch.Tensor, k: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ops.rotary(q, k, state.cos, state.sin)
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> None:
-        self.ops.write_kv(kv[0], kv[1], state.out_slots, k, v)
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, state: ForwardState) -> None:
+        self.ops.write_kv(kv, state.out_slots, k, v)
 
-    def attend(self, q, k, v, kv: tuple[torch.Tensor, torch.Tensor], state: ForwardState) -> torch.Tensor:
+    def attend(self, q, k, v, kv: LayerKV, state: ForwardState) -> torch.Tensor:
         o = self.attention.forward(q, k, v, kv, state)
         return o.reshape(o.shape[0], self.q_size)
 
@@ -173,7 +174,7 @@ class CausalLM:
         return self.tp.all_gather_last_dim(logits)
 
     # ---- the pass ------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, state: ForwardState, kv_cache, logits_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, state: ForwardState, kv_cache: list[LayerKV], logits_rows: torch.Tensor) -> torch.Tensor:
         """Run all layers; return fp32 logits [len(logits_rows), vocab] for the chosen rows only
         (the lm_head is the largest matmul, so a prefill chunk computes at most its last row)."""
         self.rotary.ensure(state.max_seq_len)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightserve.backend.mem_manager import LayerKV, quantize_kv
 from lightserve.backend.models.rotary import apply_rotary
 
 
@@ -41,9 +42,14 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
-    def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        k_cache.index_copy_(0, slots, k)
-        v_cache.index_copy_(0, slots, v)
+    def write_kv(kv: LayerKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The new tokens' k/v [T, Hkv, D] into the pool at `slots` (quantized for an int8 pool)."""
+        if kv.quantized:
+            (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+            kv.k_scale.index_copy_(0, slots, k_scale)
+            kv.v_scale.index_copy_(0, slots, v_scale)
+        kv.k.index_copy_(0, slots, k)
+        kv.v.index_copy_(0, slots, v)
 
 
 def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
