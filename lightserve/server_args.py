@@ -18,6 +18,9 @@ class ServerArgs:
     data_type: str = field(default="auto", metadata={"help": "float32 | bfloat16 | float16 | auto (bf16 where fast, else fp32)"})
     device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
     attention_backend: str = field(default="auto", metadata={"help": "auto | torch | cpu_native | triton"})
+    quantization: str = field(default="none", metadata={"choices": ("none", "w8a8"), "help": "none | w8a8: int8 weights (per output channel, quantized at load) and int8 activations (per token) in every linear layer but the embedding and lm_head"})
+    quantize_lm_head: bool = field(default=False, metadata={"help": "with --quantization w8a8: the lm_head too"})
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": ("auto", "int8"), "help": "auto (the model's dtype) | int8 (one fp32 scale per token and head; about twice the tokens in the same memory)"})
     max_total_token_num: Optional[int] = field(default=None, metadata={"help": "KV slots per rank (default: sized from --mem_fraction)"})
     mem_fraction: float = field(default=0.3, metadata={"help": "share of free memory the KV pool may take when sizing it"})
     max_req_total_len: int = field(default=2048, metadata={"help": "max prompt + generated tokens of one request"})
@@ -68,7 +71,8 @@ class ServerArgs:
             base = kind
             if getattr(kind, "__args__", None):  # Optional[X]
                 base = next(a for a in kind.__args__ if a is not type(None))
-            parser.add_argument(f"--{f.name}", type=base, default=f.default, help=f"{helptext} (default: {f.default})")
+            parser.add_argument(f"--{f.name}", type=base, default=f.default, choices=f.metadata.get("choices"),
+                                help=f"{helptext} (default: {f.default})")
 
     @classmethod
     def from_cli(cls, argv: Optional[list[str]] = None) -> "ServerArgs":

@@ -22,9 +22,9 @@ from tests.server_harness import ServerProcess
 PROMPTS = [[5, 9, 33, 7, 120, 64, 3], list(range(10, 41))]
 
 
-def _engine_args() -> ServerArgs:
+def _engine_args(quantization: str = "none") -> ServerArgs:
     return ServerArgs(device="cpu", data_type="float32", attention_backend="torch", max_total_token_num=500,
-                      max_req_total_len=128, running_max_req_size=4)
+                      max_req_total_len=128, running_max_req_size=4, quantization=quantization)
 
 
 def _layer_outputs(engine: ModelEngine, decode_steps: int = 2) -> list[torch.Tensor]:
@@ -49,26 +49,28 @@ def _layer_outputs(engine: ModelEngine, decode_steps: int = 2) -> list[torch.Ten
     return seen
 
 
-def _rank_main(rank: int, port: int, model_dir: str, results) -> None:
+def _rank_main(rank: int, port: int, model_dir: str, quantization: str, results) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    engine = ModelEngine(_engine_args(), model_dir, TensorParallel(rank, 2))
+    engine = ModelEngine(_engine_args(quantization), model_dir, TensorParallel(rank, 2))
     outs = _layer_outputs(engine)
     if rank == 0:
         results.put([t.numpy() for t in outs])
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_layer_outputs_tp2_match_tp1(tiny_model_dirs, family):
+@pytest.mark.parametrize("family, quantization", [("llama", "none"), ("qwen2", "none"), ("llama", "w8a8")])
+def test_layer_outputs_tp2_match_tp1(tiny_model_dirs, family, quantization):
+    """Float: within rounding (the ranks' partial sums add in another order). W8A8: bit for bit,
+    since the row-parallel layers quantize with the whole row's absmax and sum exact int32."""
     model_dir = str(tiny_model_dirs[family])
-    expected = _layer_outputs(ModelEngine(_engine_args(), model_dir))
+    expected = _layer_outputs(ModelEngine(_engine_args(quantization), model_dir))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = tmp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, model_dir, results)) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, model_dir, quantization, results)) for r in range(2)]
     for p in procs:
         p.start()
     got = results.get(timeout=120)
@@ -76,8 +78,9 @@ def test_layer_outputs_tp2_match_tp1(tiny_model_dirs, family):
         p.join(60)
         assert p.exitcode == 0
     assert len(got) == len(expected)
+    tol = dict(atol=0, rtol=0) if quantization == "w8a8" else dict(atol=1e-4, rtol=1e-4)
     for i, (g, e) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(torch.from_numpy(g), e, atol=1e-4, rtol=1e-4, msg=f"layer output {i}")
+        torch.testing.assert_close(torch.from_numpy(g), e, **tol, msg=f"layer output {i}")
 
 
 def test_uneven_head_split_and_clear_errors():

@@ -26,7 +26,7 @@ from lightserve.backend.device import kv_pool_size, resolve_device, resolve_dtyp
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.image_inputs import ChunkImages, gather_image_embeds
 from lightserve.backend.infer_batch import InferBatch, ReqState
-from lightserve.backend.mem_manager import MemoryManager
+from lightserve.backend.mem_manager import MemoryManager, kv_cache_dtype
 from lightserve.backend.models import model_class
 from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.parallel import SINGLE, TensorParallel
@@ -61,6 +61,7 @@ class ModelEngine:
         self.shm_prefix = shm_prefix
         self.device = resolve_device(args.device, tp.rank)
         self.dtype = resolve_dtype(args.data_type, self.device)
+        kv_dtype = kv_cache_dtype(args.kv_cache_dtype) or self.dtype
         self.cfg = ModelConfig.from_model_dir(model_dir)
         cls = model_class(self.cfg.architecture)
         cls.validate_tp(self.cfg, tp)
@@ -68,12 +69,14 @@ class ModelEngine:
         kv_heads = split.num_kv  # this rank's KV pool holds only its own KV heads
         self.attention_backend = resolve_backend_name(args.attention_backend, self.device, self.dtype)
         attention = make_attention(self.attention_backend, split.num_q, kv_heads, self.cfg.head_dim)
-        self.model = cls(model_dir, self.cfg, tp, self.dtype, self.device, attention)
+        self.model = cls(model_dir, self.cfg, tp, self.dtype, self.device, attention, args.quantization,
+                         args.quantize_lm_head)
         size = args.max_total_token_num or kv_pool_size(
-            self.device, args.mem_fraction, MemoryManager.bytes_per_token(self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers),
+            self.device, args.mem_fraction, MemoryManager.bytes_per_token(kv_dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers),
             most_useful=args.running_max_req_size * args.max_req_total_len,
         )
-        self.mem = MemoryManager(size, self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers, self.device)
+        self.mem = MemoryManager(size, self.dtype, kv_heads, self.cfg.head_dim, self.cfg.num_layers, self.device,
+                                 kv_dtype)
         self.kv_cache = self.mem.layers
         self.req_manager = ReqManager(args.running_max_req_size, args.max_req_total_len, self.device)
         self.eos_ids = torch.tensor(sorted(self._eos_ids(model_dir)), dtype=torch.long, device=self.device)
@@ -94,8 +97,9 @@ class ModelEngine:
         self._pending: Optional[InferBatch] = None
         self._pending_joins = False
         logger.info(
-            "rank %d: %s on %s/%s, attention=%s, KV pool %d tokens",
-            tp.rank, self.cfg.architecture, self.device, self.dtype, self.attention_backend, size,
+            "rank %d: %s on %s/%s, quantization=%s, attention=%s, KV pool %d tokens of %s",
+            tp.rank, self.cfg.architecture, self.device, self.dtype, args.quantization, self.attention_backend, size,
+            str(kv_dtype).removeprefix("torch."),
         )
 
     def _eos_ids(self, model_dir: str) -> set[int]:

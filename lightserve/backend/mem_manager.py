@@ -22,9 +22,19 @@ from typing import Optional, Sequence
 
 import torch
 
-# KV element types a pool may store. int8 keeps one fp32 scale per token and head beside the
-# values (`LayerKV`); the pool then holds about twice the tokens of a bf16 one in the same bytes.
+from lightserve.backend.quant import quantize_symmetric
+
+# KV element types a pool may store (--kv_cache_dtype). int8 keeps one fp32 scale per token and
+# head beside the values (`LayerKV`); the pool then holds about twice the tokens of a bf16 one in
+# the same bytes. auto: the model's dtype.
 KV_DTYPES = {"auto": None, "int8": torch.int8}
+
+
+def kv_cache_dtype(name: str) -> Optional[torch.dtype]:
+    """The pool's element type for --kv_cache_dtype `name` (None: the model's)."""
+    if name not in KV_DTYPES:
+        raise ValueError(f"unknown --kv_cache_dtype {name!r}; choose one of {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -52,16 +62,9 @@ class LayerKV:
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H, D] -> (int8 [T, H, D], fp32 scale [T, H]): symmetric per token and head.
-
-    The arithmetic every kernel reproduces bit for bit: in fp32, scale = absmax / 127 and
-    q = round-half-even(x * (127 / absmax)); an all-zero row has scale 0 and q 0.
-    """
-    xf = x.float()
-    absmax = xf.abs().amax(dim=-1)
-    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-    q = torch.round(xf * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, absmax / 127.0
+    """x [T, H, D] -> (int8 [T, H, D], fp32 scale [T, H]): symmetric per token and head, with
+    the arithmetic of `quant.quantize_symmetric` that every KV write path reproduces."""
+    return quantize_symmetric(x)
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -27,6 +27,12 @@ class TensorParallel:
             dist.all_reduce(x)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over ranks, in place (a row's absmax when each rank holds a slice of it)."""
+        if self.enabled:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's slice along the last dimension (vocab-split logits)."""
         if not self.enabled:

@@ -36,7 +36,8 @@ del torch  # imported for its side effect only
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c", _HERE / "token_mask.c")
+_SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c", _HERE / "token_mask.c",
+            _HERE / "int8_ops.c")
 _LIBRARY = "cpu_kernels"
 _DEFAULT_COMPILER = "gcc"
 # -ffp-contract=off: no FMA where the torch reference rounds a product before adding (layer_ops.c).
@@ -64,6 +65,9 @@ _SIGNATURES = {
     "silu_and_mul": [ptr, i64, ptr, i64, i64, i64, i32, i32],
     "write_kv": [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64],
     "apply_token_bitmask": [ptr, i64, ptr, i64, ptr, i64, i64],
+    "row_absmax": [ptr, i64, i32, i64, i64, ptr, i32],
+    "quantize_rows": [ptr, i64, i32, i64, i64, ptr, ptr, ptr, i32],
+    "dequantize_rows": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i32, i32],
 }
 
 _lock = threading.Lock()

@@ -1,20 +1,36 @@
-"""A weight matrix ready for `x @ W.T`, prepacked for oneDNN when that is faster.
+"""The linear layers of a rank: float (prepacked for oneDNN) or W8A8, built by one factory.
 
-On CPUs with AMX / AVX512-BF16, oneDNN runs bf16 matmuls from a weight it has reordered
-once into its blocked layout much faster than `F.linear` on the plain tensor (which may
-reorder on every call). The plain tensor is dropped after packing unless the caller keeps it
-(a tied embedding), so memory does not double.
+Float: on CPUs with AMX / AVX512-BF16, oneDNN runs bf16 matmuls from a weight it has reordered
+once into its blocked layout much faster than `F.linear` on the plain tensor (which may reorder
+on every call). The plain tensor is dropped after packing, so memory does not double.
+
+W8A8 (`--quantization w8a8`): weights int8 with one scale per output channel, quantized at load;
+activations int8 with one scale per token, quantized on every call; the product is exact int32
+(`torch._int_mm`: oneDNN's VNNI kernel on CPU, cuBLAS on CUDA) and is dequantized once. Every
+scale follows `backend/quant.py`. On this project's Zen 4 the int8 product runs at ~1.8x the bf16
+one (docs/performance.md).
+
+Tensor parallel: a row-parallel layer (o_proj, down: the input is split over ranks) sums its
+output over ranks itself. A W8A8 one quantizes its slices with the whole row's absmax (one
+all-reduce of a max) and sums the int32 products before dequantizing, so tp=2 computes exactly
+what tp=1 does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from lightserve.backend import quant
+from lightserve.backend.parallel import TensorParallel
+
 # Batch size oneDNN tunes the packed layout for (decode batches are tens of rows); any batch works.
 _PACK_HINT_ROWS = 64
+# cuBLAS' int8 GEMM behind torch._int_mm takes more than 16 rows.
+_CUDA_INT_MM_MIN_ROWS = 17
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -30,9 +46,13 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, prepack: bool = True):
+    """y = x @ W.T + b in the model dtype; with `reduce_over` the partial sums of every rank."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, prepack: bool = True,
+                 reduce_over: Optional[TensorParallel] = None):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
+        self.reduce_over = reduce_over if reduce_over is not None and reduce_over.enabled else None
         self.weight: Optional[torch.Tensor] = weight
         self._packed: Optional[torch.Tensor] = None
         if prepack and _can_pack(weight):
@@ -40,6 +60,114 @@ class Linear:
             self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # A row-parallel layer adds its bias once, after the sum.
+        bias = self.bias if self.reduce_over is None else None
         if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, bias)
+        if self.reduce_over is not None:
+            self.reduce_over.all_reduce(y)
+            if self.bias is not None:
+                y += self.bias
+        return y
+
+
+def _cpu_int8_kernels():
+    """The C quantize/dequantize passes, or None (torch's ops then, same results)."""
+    from lightserve.backend.cpu_kernels import build, int8_ops
+
+    return int8_ops if build.available() else None
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 a [M, K] @ int8 b [K, N] -> int32 [M, N], exact."""
+    rows = a.shape[0]
+    if a.is_cuda and rows < _CUDA_INT_MM_MIN_ROWS:
+        padded = a.new_zeros((_CUDA_INT_MM_MIN_ROWS, a.shape[1]))
+        padded[:rows] = a
+        return torch._int_mm(padded, b)[:rows]
+    return torch._int_mm(a, b)
+
+
+class Int8Linear:
+    """W8A8 y = x @ W.T + b: int8 weight [K, N] with fp32 scales [N], activations quantized per row."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 reduce_over: Optional[TensorParallel] = None):
+        """`weight` [N, K] as the checkpoint holds it (quantized from its own precision);
+        `reduce_over`: this rank holds a slice of every row (row parallel)."""
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.reduce_over = reduce_over if reduce_over is not None and reduce_over.enabled else None
+        weight = weight.to(device)
+        absmax = quant.row_absmax(weight)
+        if self.reduce_over is not None:
+            self.reduce_over.all_reduce_max(absmax)
+        q, self.w_scale = quant.quantize_symmetric(weight, absmax)
+        self.qweight = q.t().contiguous()  # [K, N]: the layout torch._int_mm reads fastest here
+        self.bias = None if bias is None else bias.to(device=device, dtype=dtype).contiguous()
+        self._c = _cpu_int8_kernels() if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._c
+        absmax = None
+        if self.reduce_over is not None:  # the whole row's absmax, as tp=1 sees the row
+            absmax = self.reduce_over.all_reduce_max(c.row_absmax(x) if c else quant.row_absmax(x))
+        return c.quantize_rows(x, absmax) if c else quant.quantize_symmetric(x, absmax)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        xq, x_scale = self._quantize(x)
+        acc = int_mm(xq, self.qweight)
+        if self.reduce_over is not None:
+            self.reduce_over.all_reduce(acc)  # int32: the sum over ranks is exact
+        if self._c:
+            y = self._c.dequantize_rows(acc, x_scale, self.w_scale, self.bias, self.dtype)
+        else:
+            y = quant.dequantize_acc(acc, x_scale, self.w_scale, self.bias, self.dtype)
+        return y.view(*lead, self.out_features)
+
+
+QUANTIZATIONS = ("none", "w8a8")
+
+
+@dataclass(frozen=True)
+class LinearFactory:
+    """Builds a rank's linear layers from checkpoint tensors (this rank's slices), float or W8A8."""
+
+    tp: TensorParallel
+    dtype: torch.dtype
+    device: torch.device
+    quantization: str = "none"
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown --quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if self.quantize_lm_head and self.quantization == "none":
+            raise ValueError("--quantize_lm_head needs --quantization w8a8")
+
+    def _make(self, weight: torch.Tensor, bias: Optional[torch.Tensor], quantized: bool,
+              row_parallel: bool) -> Linear | Int8Linear:
+        reduce_over = self.tp if row_parallel else None
+        if quantized:
+            return Int8Linear(weight, bias, self.dtype, self.device, reduce_over)
+        to_model = dict(device=self.device, dtype=self.dtype)
+        return Linear(weight.to(**to_model).contiguous(), None if bias is None else bias.to(**to_model).contiguous(),
+                      reduce_over=reduce_over)
+
+    def column(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Linear | Int8Linear:
+        """A layer whose output features are split over ranks (q/k/v, gate/up)."""
+        return self._make(weight, bias, self.quantization == "w8a8", row_parallel=False)
+
+    def row(self, weight: torch.Tensor) -> Linear | Int8Linear:
+        """A layer whose input features are split over ranks (o_proj, down): summed over ranks."""
+        return self._make(weight, None, self.quantization == "w8a8", row_parallel=True)
+
+    def lm_head(self, weight: torch.Tensor) -> Linear | Int8Linear:
+        """The vocab-split output layer: W8A8 only with --quantize_lm_head."""
+        return self._make(weight, None, self.quantize_lm_head, row_parallel=False)

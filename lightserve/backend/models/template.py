@@ -1,11 +1,12 @@
 """The decoder-layer template and causal-LM shell shared by every model family.
 
-A layer runs: norm -> qkv -> rotary -> write KV -> attention -> o_proj -> all-reduce ->
-residual add + norm -> MLP -> all-reduce. Each step is a method (a hook); a family overrides only the hooks
-that differ (e.g. Qwen2 only needs the q/k/v biases, which the weights already carry).
+A layer runs: norm -> qkv -> rotary -> write KV -> attention -> o_proj -> residual add + norm
+-> MLP. Each step is a method (a hook); a family overrides only the hooks that differ (e.g.
+Qwen2 only needs the q/k/v biases, which the weights already carry).
 
 Tensor parallel: q/k/v and gate/up are split by output (column), o_proj and down by input
-(row), embedding and lm_head by vocab. The layer code is the same at any tp size.
+(row: they sum their output over ranks themselves, see `linear.py`), embedding and lm_head by
+vocab. The layer code is the same at any tp size, float or W8A8 (`LinearFactory`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.config import ModelConfig
-from lightserve.backend.models.linear import Linear
+from lightserve.backend.models.linear import LinearFactory
 from lightserve.backend.models.rotary import RotaryTable
 from lightserve.backend.models.torch_ops import TorchOps
 from lightserve.backend.models.weights import CheckpointReader
@@ -28,9 +29,11 @@ from lightserve.backend.parallel import TensorParallel
 class LayerWeights:
     """One decoder layer's weights for one rank, with q/k/v and gate/up fused into one matrix each."""
 
-    def __init__(self, reader: CheckpointReader, prefix: str, cfg: ModelConfig, tp: TensorParallel, dtype, device):
+    def __init__(self, reader: CheckpointReader, prefix: str, cfg: ModelConfig, linears: LinearFactory):
+        tp = linears.tp
+
         def load(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype).contiguous()
+            return t.to(device=linears.device, dtype=linears.dtype).contiguous()
 
         attn, mlp = prefix + "self_attn.", prefix + "mlp."
         split = tp.head_split(cfg.num_heads, cfg.num_kv_heads)
@@ -43,13 +46,13 @@ class LayerWeights:
             qb = reader.get_heads(attn + "q_proj.bias", q_heads, d)
             kb = reader.get_heads(attn + "k_proj.bias", kv_heads, d)
             vb = reader.get_heads(attn + "v_proj.bias", kv_heads, d)
-            qkv_bias = load(torch.cat([qb, kb, vb]))
-        self.qkv = Linear(load(torch.cat([q, k, v])), qkv_bias)
-        self.o_proj = Linear(load(reader.get_heads(attn + "o_proj.weight", q_heads, d, dim=1)))
+            qkv_bias = torch.cat([qb, kb, vb])
+        self.qkv = linears.column(torch.cat([q, k, v]), qkv_bias)
+        self.o_proj = linears.row(reader.get_heads(attn + "o_proj.weight", q_heads, d, dim=1))
         gate = reader.get_split(mlp + "gate_proj.weight", tp, dim=0)
         up = reader.get_split(mlp + "up_proj.weight", tp, dim=0)
-        self.gate_up = Linear(load(torch.cat([gate, up])))
-        self.down = Linear(load(reader.get_split(mlp + "down_proj.weight", tp, dim=1)))
+        self.gate_up = linears.column(torch.cat([gate, up]))
+        self.down = linears.row(reader.get_split(mlp + "down_proj.weight", tp, dim=1))
         self.input_norm = load(reader.get(prefix + "input_layernorm.weight"))
         self.post_attention_norm = load(reader.get(prefix + "post_attention_layernorm.weight"))
 
@@ -77,8 +80,8 @@ class DecoderLayer:
         q, k = self.rotary(q, k, state)
         self.write_kv(k, v, kv, state)
         o = self.attend(q, k, v, kv, state)
-        hidden, x = self.ffn_norm(hidden, self.tp.all_reduce(self.o_proj(o)))
-        return hidden + self.tp.all_reduce(self.ffn(x))
+        hidden, x = self.ffn_norm(hidden, self.o_proj(o))
+        return hidden + self.ffn(x)
 
     # ---- hooks ---------------------------------------------------------------------------
     def attention_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -122,8 +125,9 @@ class CausalLM:
     lm_head_name = "lm_head.weight"
 
     def __init__(self, model_dir: str, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
-                 device: torch.device, attention):
+                 device: torch.device, attention, quantization: str = "none", quantize_lm_head: bool = False):
         self.cfg = cfg
+        self.linears = LinearFactory(tp, dtype, device, quantization, quantize_lm_head)
         self.tp = tp
         self.dtype = dtype
         self.device = device
@@ -149,10 +153,10 @@ class CausalLM:
         self.embed = reader.get_split(embed_name, self.tp, dim=0).to(self.device, self.dtype).contiguous()
         head_name = self.lm_head_name if (self.lm_head_name in reader and not cfg.tie_word_embeddings) else embed_name
         head = self.embed if head_name == embed_name else reader.get_split(head_name, self.tp, dim=0)
-        self.lm_head = Linear(head.to(self.device, self.dtype).contiguous())
+        self.lm_head = self.linears.lm_head(head)
         self.final_norm = reader.get(p + "norm.weight").to(self.device, self.dtype)
         self.layers = [
-            self.layer_cls(i, self.weights_cls(reader, f"{p}layers.{i}.", cfg, self.tp, self.dtype, self.device),
+            self.layer_cls(i, self.weights_cls(reader, f"{p}layers.{i}.", cfg, self.linears),
                            cfg, self.tp, self.attention)
             for i in range(cfg.num_layers)
         ]
@@ -177,10 +181,15 @@ class CausalLM:
     def forward(self, input_ids: torch.Tensor, state: ForwardState, kv_cache: list[LayerKV], logits_rows: torch.Tensor) -> torch.Tensor:
         """Run all layers; return fp32 logits [len(logits_rows), vocab] for the chosen rows only
         (the lm_head is the largest matmul, so a prefill chunk computes at most its last row)."""
+        return self.compute_logits(self.hidden_states(input_ids, state, kv_cache).index_select(0, logits_rows))
+
+    def hidden_states(self, input_ids: torch.Tensor, state: ForwardState, kv_cache: list[LayerKV]) -> torch.Tensor:
+        """Run all layers; the last layer's output of every row, for `compute_logits` of the rows
+        the caller needs (the engine's sampling rows, and every row of a prompt it scores)."""
         self.rotary.ensure(state.max_seq_len)
         state.cos, state.sin = self.rotary.lookup(state.positions)
         self.attention.begin_step(state)
         hidden = self.embed_tokens(input_ids, state)
         for layer, kv in zip(self.layers, kv_cache):
             hidden = layer.forward(hidden, state, kv)
-        return self.compute_logits(hidden.index_select(0, logits_rows))
+        return hidden
