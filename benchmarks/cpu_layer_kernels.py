@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lightserve.backend import cpu_kernels
 from lightserve.backend.cpu_kernels import CpuOps
 from lightserve.backend.models.torch_ops import TorchOps
+from lightserve.backend.mem_manager import LayerKV
 
 HQ, HKV, D, HIDDEN, INTER = 9, 3, 64, 576, 1536
 
@@ -76,7 +77,7 @@ def layer_op_rows(row_counts: list[int], repeats: int) -> None:
             "add_rms_norm": lambda ops: ops.add_rms_norm(x.clone(), delta, w, 1e-5),
             "rotary": lambda ops: ops.rotary(q, k, cos, sin),
             "silu_and_mul": lambda ops: ops.silu_and_mul(gate_up),
-            "write_kv": lambda ops: ops.write_kv(k_cache, v_cache, slots, k, v),
+            "write_kv": lambda ops: ops.write_kv(LayerKV(k_cache, v_cache), slots, k, v),
         }
         for name, case in cases.items():
             torch_ms = median_ms(lambda: case(TorchOps), repeats)

@@ -142,8 +142,8 @@ def decode_breakdown(engine: ModelEngine, prompts: list[list[int]], steps: int) 
 
     def attention():
         model.attention.begin_step(state)
-        for k_cache, v_cache in engine.kv_cache:
-            model.attention.decode(q, k_cache, v_cache, state)
+        for kv in engine.kv_cache:
+            model.attention.decode(q, kv, state)
 
     attn_s = time_op(attention)
     engine.release_all()

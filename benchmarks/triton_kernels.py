@@ -63,6 +63,7 @@ def bench_one(batch: int, context: int, args: argparse.Namespace, dtype: torch.d
 
     from lightserve.backend.attention import TorchAttention
     from lightserve.backend.kernels.triton_attention import TritonAttention
+    from lightserve.backend.mem_manager import LayerKV
 
     q, k_cache, v_cache, make_state = decode_inputs(batch, context, args, dtype, device)
     results = {}
@@ -70,7 +71,7 @@ def bench_one(batch: int, context: int, args: argparse.Namespace, dtype: torch.d
         attn = backend(args.heads, args.kv_heads, args.head_dim)
         state = make_state()
         attn.begin_step(state)
-        results[name] = do_bench(lambda: attn.decode(q, k_cache, v_cache, state))
+        results[name] = do_bench(lambda: attn.decode(q, LayerKV(k_cache, v_cache), state))
     dense_k = k_cache.view(batch, context, args.kv_heads, args.head_dim).transpose(1, 2).contiguous()
     dense_v = v_cache.view(batch, context, args.kv_heads, args.head_dim).transpose(1, 2).contiguous()
     q4 = q.unsqueeze(2)
