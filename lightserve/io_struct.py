@@ -72,6 +72,10 @@ class SamplingParams(Message):
     ignore_eos: bool = False
     logprobs: int = 0  # number of top alternatives to return per token (0: only the chosen one)
     grammar: Optional[Grammar] = None  # structured output: only tokens the grammar allows are drawn
+    # Score the prompt: the log-probability of every prompt token after the first under the model,
+    # with this many top alternatives per position; None: not scored. Such a request takes no
+    # prefix-cache hit (the cached positions would have no logits), so its whole prompt is computed.
+    prompt_logprobs: Optional[int] = None
 
     @property
     def is_greedy(self) -> bool:
@@ -101,6 +105,9 @@ class SamplingParams(Message):
             fail("seed", "must be an integer in [0, 2^63)")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             fail("logprobs", "must be an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            fail("prompt_logprobs", "must be null or an integer in [0, 20]")
         if self.grammar is not None and self.grammar.kind not in GRAMMAR_KINDS:
             fail("grammar", f"kind must be one of {', '.join(GRAMMAR_KINDS)}")
 
@@ -134,6 +141,20 @@ class FlushCache(Message, tag=True):
     """Drop every prefix-cache entry no running request uses (httpserver -> router -> ranks)."""
 
 
+class PromptLogprobs(Message):
+    """A scored prompt (`SamplingParams.prompt_logprobs`), computed by the ranks over the
+    prompt's chunks and sent with the request's first token.
+
+    Entry i is about prompt token i+1: the first token has no context, so it has no entry (and a
+    one-token prompt has none). Log-probabilities are the log-softmax of the raw model logits in
+    float32, before any penalty, temperature or grammar."""
+
+    logprobs: list[float]  # log P(prompt[i+1] | prompt[:i+1])
+    # Per entry, the `prompt_logprobs` most likely tokens there as (token id, logprob), best
+    # first; empty (no entries at all) when no alternatives were asked for.
+    top_logprobs: list[list[tuple[int, float]]] = msgspec.field(default_factory=list)
+
+
 class TokenOut(Message):
     """One generated token of one request (ranks -> router -> detokenizer)."""
 
@@ -147,6 +168,7 @@ class TokenOut(Message):
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     seed: Optional[int] = None
     error: Optional[str] = None  # the request failed or was refused inside the router/backend
+    prompt_logprobs: Optional[PromptLogprobs] = None  # a scored prompt, with the request's first token
 
 
 class BatchTokenOut(Message, tag=True):
@@ -169,6 +191,10 @@ class TextOut(Message):
     top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
     seed: Optional[int] = None
     error: Optional[str] = None  # set when the request failed inside the server
+    # A scored prompt (first output only), and every prompt token decoded on its own (as
+    # `token_text`), the first one included.
+    prompt_logprobs: Optional[PromptLogprobs] = None
+    prompt_token_texts: list[str] = msgspec.field(default_factory=list)
 
 
 class BatchTextOut(Message, tag=True):

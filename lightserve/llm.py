@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.detokenization.manager import TextAssembler
-from lightserve.io_struct import FinishReason, GenerateReq, SamplingParams
+from lightserve.io_struct import FinishReason, GenerateReq, PromptLogprobs, SamplingParams
 from lightserve.router.scheduler import Scheduler
 from lightserve.server_args import ServerArgs
 from lightserve.utils.grammar import compile_grammar
@@ -42,6 +42,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     seed: Optional[int] = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
+    prompt_logprobs: Optional[PromptLogprobs] = None  # with `SamplingParams.prompt_logprobs`
 
     @property
     def finished(self) -> bool:
@@ -117,6 +118,8 @@ class LLM:
                     continue
                 text = assemblers[out.req_id].apply(out)
                 results[out.req_id].num_cached_tokens = out.cached_tokens
+                if out.prompt_logprobs is not None:
+                    results[out.req_id].prompt_logprobs = out.prompt_logprobs
                 completion = results[out.req_id].outputs[0]
                 completion.text += text.text
                 completion.token_ids.append(out.token_id)

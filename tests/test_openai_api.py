@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from lightserve.httpserver.errors import ApiError
 from lightserve.httpserver.openai_params import (
     ChatCompletionRequest, CompletionRequest, chat_conversation, chat_top_logprobs, check_common, check_images,
-    completion_prompts, derive_seed, openai_sampling,
+    completion_max_tokens, completion_prompts, derive_seed, openai_sampling,
 )
 from lightserve.httpserver.params import parse_json
 from lightserve.server_args import ServerArgs
@@ -52,6 +52,7 @@ def refused(body: bytes, model: type = ChatCompletionRequest) -> ApiError:
             check_images(chat_conversation(req.messages).images, ARGS)
         else:
             completion_prompts(req, vocab_size=100)
+            completion_max_tokens(req)
     return info.value
 
 
@@ -110,7 +111,7 @@ def test_completion_prompt_forms(prompt: Any, expected: list) -> None:
 
 @pytest.mark.parametrize("fields,param", [
     ({"prompt": []}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": [5, 100]}, "prompt"),
-    ({"prompt": ["a"] * 33, "n": 2}, "prompt"), ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": ["a"] * 33, "n": 2}, "prompt"), ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "suffix": "z"}, "suffix"),
     ({"prompt": "a", "best_of": 3}, "best_of"),
 ])

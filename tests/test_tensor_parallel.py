@@ -132,9 +132,15 @@ def test_two_nodes_on_loopback_serve_a_request(tiny_served_model, tiny_llm_expec
                               "--device", "cpu", "--node_rank", "1", *common])
     try:
         with ServerProcess(tiny_served_model, "--node_rank", "0", *common) as node0:
-            prompt, expected, constrained = tiny_llm_expected
+            prompt, expected, constrained, scored = tiny_llm_expected
             body = _generate(node0.url, prompt, len(expected.token_ids))
             assert [t["id"] for t in body["details"]["tokens"]] == expected.token_ids
+            # Prompt logprobs: the logits are gathered across the ranks, rank 0 reports them.
+            r = httpx.post(node0.url + "/generate", timeout=120, json={"inputs": prompt, "parameters": {
+                "max_new_tokens": 1, "decoder_input_details": True}})
+            prefill = r.json()["details"]["prefill"]
+            assert [t["id"] for t in prefill] == scored.prompt_token_ids
+            assert [t["logprob"] for t in prefill[1:]] == pytest.approx(scored.prompt_logprobs.logprobs, abs=1e-4)
             # Structured output: each rank runs its own grammar matchers, which must stay in step.
             r = httpx.post(node0.url + "/generate", timeout=120, json={"inputs": prompt, "parameters": {
                 "max_new_tokens": 60, "do_sample": True, "seed": 3, "details": True,
@@ -154,7 +160,8 @@ def tiny_llm_expected(tiny_served_model):
     out = llm.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))[0].outputs[0]
     constrained = llm.generate(prompt, SamplingParams(max_new_tokens=60, temperature=1.0, seed=3,
                                                       grammar=Grammar("regex", TP_REGEX)))[0].outputs[0]
-    return prompt, out, constrained
+    scored = llm.generate(prompt, SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
+    return prompt, out, constrained, scored
 
 
 TP_REGEX = "[a-z]{1,8}( [a-z]{1,8}){2,5}\\."

@@ -33,11 +33,17 @@ from lightserve.backend.parallel import SINGLE, TensorParallel
 from lightserve.backend.req_manager import ReqManager
 from lightserve.backend.sampling import SampleResult, sample
 from lightserve.backend.sampling.grammar import GrammarMasks, MaskJob
-from lightserve.io_struct import FinishReason, GenerateReq, StepPlan, StepResult, TokenOut
+from lightserve.io_struct import FinishReason, GenerateReq, PromptLogprobs, StepPlan, StepResult, TokenOut
 from lightserve.prefix_cache.cache import Hold, PrefixCache, cache_key
 from lightserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+
+# Prompt rows whose logits a scored prompt computes at once: their fp32 logits and log-softmax
+# take 2 x rows x vocab x 4 bytes (100 MB at SmolLM2's 49152 tokens), however long the chunk
+# (a whole prompt without chunked prefill).
+SCORE_ROWS = 256
 
 
 def default_seed(req_id: int) -> int:
@@ -225,6 +231,11 @@ class ModelEngine:
                 refused.append(TokenOut(r.req_id, -1, 0.0, FinishReason.ABORT, prompt_tokens=len(r.prompt_ids),
                                         error=f"the backend cannot serve this request: {why}"))
                 continue
+            # A resumed request (it has output) sent its prompt's scores before its pause.
+            scores = PromptLogprobs([]) if r.sampling.prompt_logprobs is not None and not r.output_ids else None
+            if scores is not None and n_cached:
+                self.prefix_cache.unlock(hold)
+                raise RuntimeError(f"request {r.req_id} scores its prompt but the router gave it {n_cached} cached tokens")
             (row,) = self.req_manager.alloc(1)
             if slots is not None:
                 self.req_manager.req_to_token[row, :n_cached] = slots
@@ -233,7 +244,7 @@ class ModelEngine:
                 r.req_id, row, r.prompt_ids, r.sampling, seed, list(r.output_ids),
                 frozenset(r.sampling.stop_token_ids), list(r.images), input_ids=r.prompt_ids + r.output_ids,
                 computed=n_cached, prompt_key=prompt_key, hold=hold,
-                cached_tokens=min(n_cached, len(r.prompt_ids)), grammar=grammar)
+                cached_tokens=min(n_cached, len(r.prompt_ids)), grammar=grammar, prompt_scores=scores)
         return refused
 
     def _why_unservable(self, r: GenerateReq) -> Optional[str]:
@@ -260,6 +271,7 @@ class ModelEngine:
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Write the step's tokens into KV, run the model, and return the fp32 logits [N, vocab]
         of the N rows that sample: every decode row, then each chunk that completes its prompt.
+        The chunks of prompts being scored are scored on the way (`_score_prompts`).
 
         Requests whose prompt completes join the decoding batch before sampling (`sample`).
         """
@@ -310,7 +322,9 @@ class ModelEngine:
         completing = [j for j, (req, n) in enumerate(chunks) if req.computed + n == len(req.input_ids)]
         logits_rows = torch.cat([torch.arange(nd, device=dev),
                                  torch.tensor([nd + int(ends[j]) - 1 for j in completing], dtype=torch.long, device=dev)])
-        logits = self.model.forward(input_ids, state, self.kv_cache, logits_rows)
+        hidden = self.model.hidden_states(input_ids, state, self.kv_cache)
+        self._score_prompts(hidden, chunks, state)
+        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
         for req, n in chunks:
             req.computed += n
         self._commit([req for req, _ in chunks])
@@ -321,6 +335,52 @@ class ModelEngine:
         # Without decode rows the decoding batch sat this step out: the new rows join it after sampling.
         self._pending_joins = decoding is None
         return logits
+
+    def _score_prompts(self, hidden: torch.Tensor, chunks: list[tuple[ReqState, int]], state: ForwardState) -> None:
+        """Append to each scored request's `prompt_scores` its chunk's positions: the logprob of
+        the next prompt token there, and the top alternatives it asked for.
+
+        Only positions followed by a prompt token are scored: the prompt's last position predicts
+        the first generated token, which sampling reports. Every rank computes the same scores
+        (the logits are gathered across tensor-parallel ranks in `compute_logits`, so all ranks
+        must run it alike); the router reads rank 0's.
+        """
+        rows: list[int] = []
+        targets: list[int] = []
+        scored: list[tuple[ReqState, int]] = []
+        for (req, n), start in zip(chunks, state.b_start):
+            count = min(n, len(req.prompt_ids) - 1 - req.computed)
+            if req.prompt_scores is None or count <= 0:
+                continue
+            first = state.num_decode + start
+            rows.extend(range(first, first + count))
+            targets.extend(req.prompt_ids[req.computed + 1 : req.computed + 1 + count])
+            scored.append((req, count))
+        if not scored:
+            return
+        dev = hidden.device
+        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        targets_t = torch.tensor(targets, dtype=torch.long, device=dev)
+        k = max(req.sampling.prompt_logprobs for req, _ in scored)
+        chosen, top_values, top_ids = [], [], []
+        for a in range(0, len(rows), SCORE_ROWS):
+            logits = self.model.compute_logits(hidden.index_select(0, rows_t[a : a + SCORE_ROWS]))
+            log_probs = torch.log_softmax(logits, 1)
+            chosen.append(log_probs.gather(1, targets_t[a : a + SCORE_ROWS, None]).squeeze(1))
+            if k:
+                values, ids = torch.topk(log_probs, k, dim=1)
+                top_values.append(values)
+                top_ids.append(ids)
+        logprobs = torch.cat(chosen).tolist()
+        values_l = torch.cat(top_values).tolist() if k else []
+        ids_l = torch.cat(top_ids).tolist() if k else []
+        at = 0
+        for req, count in scored:
+            req.prompt_scores.logprobs.extend(logprobs[at : at + count])
+            if n_top := req.sampling.prompt_logprobs:
+                req.prompt_scores.top_logprobs.extend(
+                    list(zip(ids_l[i][:n_top], values_l[i][:n_top])) for i in range(at, at + count))
+            at += count
 
     @property
     def sampling_req_ids(self) -> list[int]:
@@ -383,7 +443,9 @@ class ModelEngine:
                 reason = None
                 keep.append(i)
             outs.append(TokenOut(req.req_id, token, logprobs[i], reason, tops[i], len(req.prompt_ids),
-                                 req.cached_tokens, req.seed, error=error and f"structured output failed: {error}"))
+                                 req.cached_tokens, req.seed, error=error and f"structured output failed: {error}",
+                                 prompt_logprobs=req.prompt_scores))
+            req.prompt_scores = None  # sent with the first token only
         return outs, keep
 
     def _keep_rows(self, batch: InferBatch, keep: list[int]) -> Optional[InferBatch]:

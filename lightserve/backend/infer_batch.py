@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from lightserve.backend.sampling import SamplingBatch
-from lightserve.io_struct import ImageItem, SamplingParams
+from lightserve.io_struct import ImageItem, PromptLogprobs, SamplingParams
 from lightserve.prefix_cache.cache import NO_HOLD, Hold
 
 
@@ -39,6 +39,9 @@ class ReqState:
     cached_tokens: int = 0
     # Structured output: the request's grammar matcher (`sampling.grammar`), None without one.
     grammar: Optional[Any] = None
+    # Prompt scoring (`sampling.prompt_logprobs`, on a first admission): the scores of the chunks
+    # computed so far, sent with the first token; None when not scored or already sent.
+    prompt_scores: Optional[PromptLogprobs] = None
 
     @property
     def prompt_done(self) -> bool:

@@ -35,6 +35,7 @@ class TextAssembler:
         self.tokenizer = tokenizer
         self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids, skip_special_tokens=True, stop=req.sampling.stop)
         self.special_ids = set(tokenizer.all_special_ids)
+        self.prompt_ids = req.prompt_ids
         self.completion_tokens = 0
 
     def apply(self, out: TokenOut) -> TextOut:
@@ -50,12 +51,15 @@ class TextAssembler:
             text += self.detok.finish()
             if self.detok.stopped:  # a stop string completed only in the flushed tail
                 reason = FinishReason.STOP
+        # A scored prompt's tokens each decoded on its own, as `token_text` is (one batched call).
+        prompt_texts = [] if out.prompt_logprobs is None else self.tokenizer.batch_decode([[t] for t in self.prompt_ids])
         return TextOut(
             req_id=out.req_id, text=text, token_id=out.token_id, logprob=out.logprob,
             token_text=self.tokenizer.decode([out.token_id]), special=out.token_id in self.special_ids,
             finish_reason=reason, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
             completion_tokens=self.completion_tokens,
             top_logprobs=out.top_logprobs, seed=out.seed,
+            prompt_logprobs=out.prompt_logprobs, prompt_token_texts=prompt_texts,
         )
 
 

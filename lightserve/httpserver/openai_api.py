@@ -33,10 +33,10 @@ from lightserve.httpserver.errors import GENERATION, ApiError, generation_error,
 from lightserve.httpserver.images import ImageSource, PreparedImages
 from lightserve.httpserver.manager import HttpServerManager, ServerUnavailable, failure_of
 from lightserve.httpserver.openai_errors import model_not_found, openai_error_body
-from lightserve.httpserver.openai_format import ChatFormat, ChoiceInfo, CompletionFormat, usage
+from lightserve.httpserver.openai_format import ChatFormat, ChoiceInfo, CompletionFormat, ScoredPrompt, usage
 from lightserve.httpserver.openai_params import (
     ChatCompletionRequest, CompletionRequest, chat_conversation, chat_max_tokens, chat_top_logprobs, check_common,
-    check_images, completion_prompts, openai_sampling, with_system_text,
+    check_images, completion_max_tokens, completion_prompts, openai_sampling, with_system_text,
 )
 from lightserve.httpserver.params import check_prompt_length, parse_json, read_body
 from lightserve.httpserver.sse import EventStreamResponse, sse_event
@@ -136,6 +136,9 @@ class OpenAIApi:
         prompts = completion_prompts(body, len(self.manager.tokenizer))
         admission_of(request).grow_to(len(prompts) * body.choices_per_prompt)
         logprobs = body.logprobs is not None
+        max_tokens, prompt_only = completion_max_tokens(body)
+        # `echo` with `logprobs` scores the prompt, with as many alternatives per token.
+        prompt_logprobs = body.logprobs if body.echo else None
         grammar = openai_grammar(body)
         choices, prompt_tokens = [], 0
         for p, prompt in enumerate(prompts):
@@ -144,11 +147,12 @@ class OpenAIApi:
             echo = ""
             if body.echo:
                 echo = prompt if isinstance(prompt, str) else await self.manager.with_tokenizer(lambda tok: tok.decode(ids))
-            samplings = openai_sampling(body, len(ids), self.args, max_tokens=body.max_tokens, max_tokens_field="max_tokens",
-                                        prompt_field="prompt", logprobs=body.logprobs or 0, grammar=grammar)
+            samplings = openai_sampling(body, len(ids), self.args, max_tokens=max_tokens, max_tokens_field="max_tokens",
+                                        prompt_field="prompt", logprobs=body.logprobs or 0, grammar=grammar,
+                                        prompt_logprobs=prompt_logprobs)
             for j, sampling in enumerate(samplings):
                 # OpenAI's numbering: the choices of prompt p are p*n .. p*n + n-1.
-                info = ChoiceInfo(index=p * len(samplings) + j, logprobs=logprobs, echo=echo)
+                info = ChoiceInfo(index=p * len(samplings) + j, logprobs=logprobs, echo=echo, prompt_only=prompt_only)
                 choices.append(_Choice(info, ids, sampling, prompt=p))
             prompt_tokens += len(ids)
         return _Prepared(CompletionFormat(), choices, prompt_tokens, bool(body.stream), body.include_usage, logprobs)
@@ -209,9 +213,11 @@ class OpenAIApi:
             raise unavailable(str(exc)) from None
         flat = [o for choice_outs in outs for o in choice_outs]
         tops = iter(await self._top_texts(flat) if prep.logprobs else [[] for _ in flat])
+        for c, choice_outs in zip(prep.choices, outs):
+            await self._take_scores(c.info, choice_outs[0])
         choices = [prep.fmt.full_choice(c.info, choice_outs, [next(tops) for _ in choice_outs])
                    for c, choice_outs in zip(prep.choices, outs)]
-        completion_tokens = sum(_completion_tokens(o) for o in outs)
+        completion_tokens = sum(_completion_tokens(c, o) for c, o in zip(prep.choices, outs))
         cached = _cached_tokens(prep.choices, [o[-1].cached_tokens if o else 0 for o in outs])
         return JSONResponse({
             **_header(prep.fmt, prep.fmt.object_full, self.model_name),
@@ -253,8 +259,10 @@ class OpenAIApi:
                     if failure is not None:
                         yield sse_event(openai_error_body(generation_error(failure)))
                         break
-                    completion_tokens[i] = out.completion_tokens or completion_tokens[i] + 1
+                    if not prep.choices[i].info.prompt_only:
+                        completion_tokens[i] = out.completion_tokens or completion_tokens[i] + 1
                     cached_tokens[i] = out.cached_tokens
+                    await self._take_scores(prep.choices[i].info, out)
                     tops = (await self._top_texts([out]))[0] if prep.logprobs else []
                     piece = prep.fmt.delta(prep.choices[i].info, out, tops, offsets[i])
                     offsets[i] += len(out.text)
@@ -305,17 +313,31 @@ class OpenAIApi:
 
     async def _top_texts(self, outs: list[TextOut]) -> list[list[str]]:
         """Each output's alternative tokens decoded on their own (one trip to the tokenizer thread)."""
-        ids = [[token_id for token_id, _ in out.top_logprobs] for out in outs]
+        return await self._decode_each([[token_id for token_id, _ in out.top_logprobs] for out in outs])
+
+    async def _decode_each(self, ids: list[list[int]]) -> list[list[str]]:
         if not any(ids):
-            return [[] for _ in outs]
+            return [[] for _ in ids]
         return await self.manager.with_tokenizer(lambda tok: [[tok.decode([t]) for t in row] for row in ids])
+
+    async def _take_scores(self, info: ChoiceInfo, out: TextOut) -> None:
+        """The first output of a scored prompt carries the scores: keep them, alternatives decoded."""
+        scores = out.prompt_logprobs
+        if scores is None:
+            return
+        texts = await self._decode_each([[token_id for token_id, _ in row] for row in scores.top_logprobs])
+        info.scored = ScoredPrompt(out.prompt_token_texts, scores.logprobs,
+                                   [list(zip(row_texts, (lp for _, lp in row)))
+                                    for row_texts, row in zip(texts, scores.top_logprobs)])
 
 
 def _header(fmt: _Format, obj: str, model: str) -> dict[str, Any]:
     return {"id": fmt.id_prefix + secrets.token_hex(12), "object": obj, "created": int(time.time()), "model": model}
 
 
-def _completion_tokens(outs: list[TextOut]) -> int:
+def _completion_tokens(choice: _Choice, outs: list[TextOut]) -> int:
+    if choice.info.prompt_only:  # its one token is not part of the answer
+        return 0
     # The server's count is authoritative; the number of outputs is the fallback.
     return outs[-1].completion_tokens or len(outs)
 

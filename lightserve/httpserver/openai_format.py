@@ -10,6 +10,11 @@ Conventions shared by both routes:
   no text. Tokens that complete a stop string are reported, though the text is cut before it.
 - `finish_reason` is "stop" for an end-of-sequence token or a stop string, "length" otherwise,
   and "tool_calls" for a chat answer that called tools.
+
+Completions with `echo` and `logprobs` put the prompt's tokens before the answer's in the
+logprobs (vLLM's layout): the first has no context, so its logprob and alternatives are null;
+each other's alternatives are the N most likely tokens plus the token itself. Streamed, the
+prompt and its logprobs come in the first chunk, with the answer's first token.
 """
 
 from __future__ import annotations
@@ -42,6 +47,30 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 @dataclass
+class ScoredPrompt:
+    """A prompt the engine scored (`TextOut.prompt_logprobs`), with its alternatives decoded."""
+
+    texts: list[str]  # every prompt token decoded on its own
+    logprobs: list[float]  # of texts[1:], each given the tokens before it
+    alternatives: list[list[tuple[str, float]]]  # per entry of `logprobs`, (text, logprob); [] if none asked
+
+    def completion_logprobs(self) -> dict[str, Any]:
+        """The legacy layout of the prompt's tokens; offsets count the token texts from 0."""
+        offsets, pos = [], 0
+        for text in self.texts:
+            offsets.append(pos)
+            pos += len(text)
+        tops = self.alternatives or [[] for _ in self.logprobs]
+        return {
+            "tokens": list(self.texts),
+            "token_logprobs": [None, *map(finite_logprob, self.logprobs)],
+            "top_logprobs": [None, *({**{t: finite_logprob(lp) for t, lp in alts}, text: finite_logprob(own)}
+                                     for alts, text, own in zip(tops, self.texts[1:], self.logprobs))],
+            "text_offset": offsets,
+        }
+
+
+@dataclass
 class ChoiceInfo:
     """What the formatters need to know about one choice besides its outputs."""
 
@@ -49,6 +78,11 @@ class ChoiceInfo:
     logprobs: bool  # whether the client asked for logprobs
     echo: str = ""  # completions: the prompt text to put before the answer
     tools: Optional[ToolPlan] = None  # chat with tools: the answer may hold calls
+    # Completions with `echo` and `max_tokens: 0`: the answer is the prompt alone (the engine's
+    # one token is left out).
+    prompt_only: bool = False
+    # Completions with `echo` and `logprobs`: the scored prompt, set when its first output came.
+    scored: Optional[ScoredPrompt] = None
     # A stream of a choice with tools: its text so far and how much of it went out as content.
     content: ContentStream = field(init=False)
 
@@ -112,32 +146,52 @@ class CompletionFormat:
     id_prefix = "cmpl-"
 
     def full_choice(self, c: ChoiceInfo, outs: list[TextOut], top_texts: list[list[str]]) -> dict[str, Any]:
+        answer = [] if c.prompt_only else outs
         offsets, pos = [], len(c.echo)
-        for o in outs:
+        for o in answer:
             offsets.append(pos)
             pos += len(o.text)
         return {
             "index": c.index,
-            "text": c.echo + "".join(o.text for o in outs),
-            "logprobs": _completion_logprobs(outs, top_texts, offsets) if c.logprobs else None,
-            "finish_reason": finish_reason(outs[-1]),
+            "text": c.echo + "".join(o.text for o in answer),
+            "logprobs": self._logprobs(answer, top_texts, offsets, c.scored) if c.logprobs else None,
+            "finish_reason": "length" if c.prompt_only else finish_reason(outs[-1]),
         }
 
     def opening(self, c: ChoiceInfo) -> Optional[dict[str, Any]]:
-        """With `echo`, the prompt comes first, in a chunk of its own."""
-        if not c.echo:
+        """With `echo`, the prompt comes first, in a chunk of its own; with `logprobs` too, it
+        waits for the first output, which brings the prompt's logprobs."""
+        if not c.echo or c.logprobs:
             return None
         return {"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None}
 
     def delta(self, c: ChoiceInfo, out: TextOut, top_texts: list[str], offset: int) -> Optional[dict[str, Any]]:
-        if not out.text and not c.logprobs and out.finish_reason is None:
+        # The first output of a scored prompt brings the prompt (text and logprobs) along.
+        scored = c.scored if out.prompt_logprobs is not None else None
+        if c.prompt_only:
+            text, reason, logprobs = "", "length", ([], [], [])
+        else:
+            text, reason, logprobs = out.text, finish_reason(out), ([out], [top_texts], [offset])
+        if scored is not None:
+            text = c.echo + text
+        if not text and not (c.logprobs and logprobs[0]) and reason is None:
             return None
         return {
             "index": c.index,
-            "text": out.text,
-            "logprobs": _completion_logprobs([out], [top_texts], [offset]) if c.logprobs else None,
-            "finish_reason": finish_reason(out),
+            "text": text,
+            "logprobs": self._logprobs(*logprobs, scored) if c.logprobs else None,
+            "finish_reason": reason,
         }
+
+    @staticmethod
+    def _logprobs(outs: list[TextOut], top_texts: list[list[str]], offsets: list[int],
+                  scored: Optional[ScoredPrompt]) -> dict[str, Any]:
+        """The answer's tokens in the legacy layout, after the scored prompt's, if any."""
+        answer = _completion_logprobs(outs, top_texts, offsets)
+        if scored is None:
+            return answer
+        prompt = scored.completion_logprobs()
+        return {key: prompt[key] + answer[key] for key in prompt}
 
 
 def _chat_entry(out: TextOut, top_texts: list[str]) -> dict[str, Any]:

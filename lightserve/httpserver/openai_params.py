@@ -123,7 +123,7 @@ class CompletionRequest(CommonRequest):
     # A string, a list of strings, a list of token ids or a list of lists of token ids.
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = None  # number of top alternatives per token
-    echo: Optional[bool] = None
+    echo: Optional[bool] = None  # the prompt before the answer; with `logprobs`, the prompt's too
 
 
 class ChatMessage(BaseModel):
@@ -180,9 +180,21 @@ def completion_prompts(req: CompletionRequest, vocab_size: int) -> list[Union[st
             raise validation_error(f"`prompt`: token ids must be in [0, {vocab_size})", "prompt")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise validation_error(f"`logprobs` must be an integer in [0, {MAX_TOP_LOGPROBS}], got {req.logprobs}", "logprobs")
-    if req.echo and req.logprobs is not None:
-        raise validation_error("`echo` with `logprobs` needs prompt logprobs, which this server does not compute", "echo")
     return prompts
+
+
+def completion_max_tokens(req: CompletionRequest) -> tuple[Optional[int], bool]:
+    """The output length to ask the engine for, and whether the answer is the prompt alone.
+
+    `max_tokens: 0` with `echo` answers the prompt alone, scored with `logprobs` (as vLLM does):
+    the engine still draws one token, from the logits of the prompt's last position, which it
+    computes anyway, and the answer leaves that token out.
+    """
+    if req.max_tokens == 0:
+        if not req.echo:
+            raise validation_error("`max_tokens` must be a positive integer (0 only with `echo`)", "max_tokens")
+        return 1, True
+    return req.max_tokens, False
 
 
 def chat_top_logprobs(req: ChatCompletionRequest) -> int:
@@ -344,8 +356,10 @@ def openai_sampling(
     prompt_field: str,
     logprobs: int,
     grammar: Optional[Grammar] = None,
+    prompt_logprobs: Optional[int] = None,
 ) -> list[SamplingParams]:
-    """One `SamplingParams` per choice (`n` of them) for a prompt of `prompt_len` tokens.
+    """One `SamplingParams` per choice (`n` of them) for a prompt of `prompt_len` tokens;
+    `prompt_logprobs`: score the prompt with that many alternatives per token (completions' `echo`).
 
     OpenAI semantics: the default temperature is 1 (sampling); `temperature: 0` is greedy.
     Without `max_tokens` the server default applies, shortened to what fits beside the prompt.
@@ -363,6 +377,7 @@ def openai_sampling(
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
         grammar=grammar,
+        prompt_logprobs=prompt_logprobs,
     )
     return [
         finalize_sampling(msgspec.structs.replace(base, stop=list(base.stop), seed=None if req.seed is None else derive_seed(req.seed, i)))

@@ -149,6 +149,9 @@ def _tgi(schemas: dict[str, Schema], args: ServerArgs, new_tokens: Schema) -> No
     _sampling_ranges(props)
     _constrain(props["max_new_tokens"], new_tokens)
     _constrain(props["truncate"], {"minimum": 1})
+    props["decoder_input_details"]["description"] = (
+        "`details.prefill`: every prompt token with its logprob (null for the first); implies `details`; "
+        "refused (422) when streaming")
     # Unknown keys are ignored, as TGI does; each field may be given under either spelling, not both.
     for name, alias in tgi_params.ALIASES:
         props[alias] = props[name]
@@ -185,6 +188,11 @@ def _completion(props: Schema, vocab_size: int) -> None:
                        "within the token budget",
     }
     _constrain(props["logprobs"], {"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
+    props["echo"]["description"] = ("the prompt before the answer; with `logprobs`, the prompt's tokens, scored, "
+                                     "before the answer's")
+    # 0 scores the prompt without answering, only with `echo` (refused otherwise).
+    _constrain(props["max_tokens"], {"minimum": 0})
+    props["max_tokens"]["description"] = "0 only with `echo`: the answer is the prompt alone"
 
 
 def _images(schemas: dict[str, Schema], args: ServerArgs) -> None:

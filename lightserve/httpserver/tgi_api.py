@@ -15,6 +15,10 @@ Response shapes follow text-generation-inference, so its clients (huggingface_hu
   client why the stream ended).
 - `details.seed` is the seed a sampled request used (drawn by the server when not given), null
   for greedy requests.
+- `decoder_input_details: true` returns `details` (even without `details: true`, as TGI needs
+  details for it) with `prefill`: every prompt token, its text decoded on its own and its
+  logprob under the model (null for the first token, which has no context). Streams refuse it
+  (422), as TGI does.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from lightserve.httpserver.params import read_body
 from lightserve.httpserver.sse import EventStreamResponse, sse_event
 from lightserve.httpserver.images import PreparedImages
 from lightserve.httpserver.tgi_params import (
-    TGIRequest, image_sources, parse_tgi_request, tgi_sampling_params, truncate_prompt,
+    TGIRequest, check_streamable, image_sources, parse_tgi_request, tgi_sampling_params, truncate_prompt,
 )
 from lightserve.io_struct import SamplingParams, TextOut
 from lightserve.server_args import ServerArgs
@@ -83,6 +87,7 @@ class TGIApi:
 
     async def generate_stream(self, request: Request) -> Response:
         prep = await self._prepare(request)
+        check_streamable(prep.body.parameters)
         return EventStreamResponse(self._events(prep))
 
     async def compat_generate(self, request: Request) -> Response:
@@ -90,6 +95,7 @@ class TGIApi:
         with the answer wrapped in a list."""
         prep = await self._prepare(request)
         if prep.body.stream:
+            check_streamable(prep.body.parameters)
             return EventStreamResponse(self._events(prep))
         return JSONResponse([await self._complete(request, prep)])
 
@@ -121,13 +127,14 @@ class TGIApi:
         if failure is not None:
             raise generation_error(failure)
         response: dict[str, Any] = {"generated_text": prep.full_text("".join(o.text for o in collected))}
-        if prep.body.parameters.details:
+        params = prep.body.parameters
+        if params.details or params.decoder_input_details:
             response["details"] = {
                 "finish_reason": last.finish_reason.value,
                 "generated_tokens": _generated_tokens(last, len(collected)),
                 "seed": prep.seed,
                 "prompt_tokens": len(prep.prompt_ids),
-                "prefill": [],  # decoder_input_details is accepted but prompt details are not computed
+                "prefill": _prefill(prep.prompt_ids, collected[0]) if params.decoder_input_details else [],
                 "tokens": [_token(o, o.token_text, o.special) for o in collected],
             }
         return response
@@ -168,13 +175,23 @@ class TGIApi:
 
 
 def _token(out: TextOut, text: str, special: bool) -> dict[str, Any]:
-    return {
-        "id": out.token_id,
-        "text": text,
-        # JSON has no -inf; a token the model gave zero probability reports null.
-        "logprob": out.logprob if math.isfinite(out.logprob) else None,
-        "special": special,
-    }
+    return {"id": out.token_id, "text": text, "logprob": _logprob(out.logprob), "special": special}
+
+
+def _logprob(value: float) -> Optional[float]:
+    # JSON has no -inf; a token the model gave zero probability reports null.
+    return value if math.isfinite(value) else None
+
+
+def _prefill(prompt_ids: list[int], first: TextOut) -> list[dict[str, Any]]:
+    """TGI's `details.prefill`: each prompt token with its logprob given the tokens before it;
+    the first token's is null (TGI's way: nothing comes before it)."""
+    scores = first.prompt_logprobs
+    if scores is None:  # every scored request's first output carries them
+        raise generation_error("the prompt's logprobs did not come back from the backend")
+    logprobs = [None, *map(_logprob, scores.logprobs)]
+    return [{"id": token, "text": text, "logprob": lp}
+            for token, text, lp in zip(prompt_ids, first.prompt_token_texts, logprobs)]
 
 
 async def _collect(outs: RequestStream) -> list[TextOut]:

@@ -52,7 +52,8 @@ class TGIParameters(BaseModel):
     ignore_eos: Optional[bool] = None
     seed: Optional[int] = None
     details: Optional[bool] = Field(None, validation_alias=AliasChoices("details", "return_details"))
-    decoder_input_details: Optional[bool] = None  # accepted for TGI clients; prompt details are not returned
+    # `details.prefill`: every prompt token with its logprob under the model (implies `details`).
+    decoder_input_details: Optional[bool] = None
     return_full_text: Optional[bool] = None
     truncate: Optional[int] = None
     best_of: Optional[int] = None
@@ -127,6 +128,13 @@ def parse_tgi_request(body: bytes, args: ServerArgs) -> TGIRequest:
     return req
 
 
+def check_streamable(p: TGIParameters) -> None:
+    """A stream's events have no place for the prompt's details: refused, in TGI's words."""
+    if p.decoder_input_details:
+        raise validation_error("decoder_input_details == true is not supported when streaming tokens",
+                               "parameters.decoder_input_details")
+
+
 def image_sources(req: TGIRequest) -> list[ImageSource]:
     """The request's images, in prompt order (each `<image>` tag of `inputs` takes the next one)."""
     if req.multimodal_params is None:
@@ -178,6 +186,7 @@ def tgi_sampling_params(p: TGIParameters, prompt_len: int, args: ServerArgs) -> 
         stop=normalize_stop(p.stop, "parameters.stop"),
         ignore_eos=bool(p.ignore_eos),
         grammar=tgi_grammar(p.grammar),
+        prompt_logprobs=0 if p.decoder_input_details else None,  # TGI's prefill has no alternatives
     )
     if not samples(p):
         # Greedy only replaces a temperature of None, 1 or 0, so no out-of-range value the

@@ -57,6 +57,19 @@ def request_key(req: GenerateReq) -> list[Hashable]:
     return cache_key(req.prompt_ids, req.images, req.output_ids)
 
 
+def hit_limit(req: GenerateReq) -> int:
+    """How many of a new (or resumed) request's first tokens a cache hit may cover.
+
+    All but the last: a request always computes at least one token, whose logits sample its next
+    one. None when the request scores its prompt (`SamplingParams.prompt_logprobs`) on its first
+    admission: every prompt position needs its logits, which a hit would skip (vLLM does the same);
+    its computed KV still goes to the cache. A resumed request already sent its scores.
+    """
+    if req.sampling.prompt_logprobs is not None and not req.output_ids:
+        return 0
+    return len(req.prompt_ids) + len(req.output_ids) - 1
+
+
 @dataclass(frozen=True)
 class Hold:
     """A request's lock on its first `length` tokens in the tree (`node` ends exactly there)."""
@@ -112,15 +125,12 @@ class PrefixCache(Generic[S]):
 
     def probe_request(self, req: GenerateReq) -> tuple[int, int]:
         """`probe` for a waiting request, as `lock_request` would lock it."""
-        key = request_key(req)
-        return self.probe(key, len(key) - 1)
+        return self.probe(request_key(req), hit_limit(req))
 
     # ---- request operations ----------------------------------------------------------------------
     def lock_request(self, req: GenerateReq) -> tuple[Hold, Optional[S]]:
-        """`lock` a new request's longest cached prefix, short of its last token: a request always
-        computes at least one token, whose logits sample its next one."""
-        key = request_key(req)
-        return self.lock(key, len(key) - 1)
+        """`lock` a new request's longest cached prefix within `hit_limit`."""
+        return self.lock(request_key(req), hit_limit(req))
 
     def lock(self, key: Sequence[Hashable], limit: int) -> tuple[Hold, Optional[S]]:
         """Match `key[:limit]`, lock the match, and return the hold with the matched slots."""
