@@ -7,7 +7,9 @@ subprocess gets it in its environment; setting it here as well keeps a direct ru
 
 References are plain torch in fp32 on the same (possibly half-precision) inputs. KV slots are a
 random permutation of the pool, and every table entry past a request's length points at a pool
-row full of NaN, so a kernel that reads beyond a request's context fails loudly.
+row full of NaN, so a kernel that reads beyond a request's context fails loudly (in an int8 pool
+that row's scales are NaN). Int8 pools are checked against float64 attention over their
+dequantized values.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,10 +30,11 @@ from lightserve.backend.engine import ModelEngine  # noqa: E402
 from lightserve.backend.forward_state import ForwardState  # noqa: E402
 from lightserve.backend.kernels import runtime  # noqa: E402
 from lightserve.backend.kernels.context_attention import context_attention  # noqa: E402
+from lightserve.backend.kernels.kv_copy import write_kv  # noqa: E402
 from lightserve.backend.kernels.ops import TritonOps  # noqa: E402
 from lightserve.backend.kernels.token_attention_decode import plan_decode, token_attention_decode  # noqa: E402
 from lightserve.backend.kernels.triton_attention import TritonAttention  # noqa: E402
-from lightserve.backend.mem_manager import LayerKV  # noqa: E402
+from lightserve.backend.mem_manager import LayerKV, quantize_kv  # noqa: E402
 from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
 from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
 from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan  # noqa: E402
@@ -57,9 +61,21 @@ class Pool:
     req_to_token: torch.Tensor  # int32 [R, Lmax]
     b_req_idx: torch.Tensor  # int32 [B]
     b_seq_len: torch.Tensor  # int32 [B]
+    k_scale: Optional[torch.Tensor] = None  # fp32 [S, Hkv] of an int8 pool
+    v_scale: Optional[torch.Tensor] = None
 
     def slots(self, i: int) -> torch.Tensor:
         return self.req_to_token[int(self.b_req_idx[i]), : int(self.b_seq_len[i])].long()
+
+    def layer(self) -> LayerKV:
+        return LayerKV(self.k_cache, self.v_cache, self.k_scale, self.v_scale)
+
+    def values(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [S, Hkv, D] as `dtype` (an int8 pool's products int8 * scale formed in `dtype`)."""
+        if self.k_scale is None:
+            return self.k_cache.to(dtype), self.v_cache.to(dtype)
+        return tuple(c.to(dtype) * sc.to(dtype)[..., None] for c, sc in ((self.k_cache, self.k_scale),
+                                                                         (self.v_cache, self.v_scale)))
 
 
 def make_pool(lens: list[int], n_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0) -> Pool:
@@ -83,12 +99,23 @@ def make_pool(lens: list[int], n_kv_heads: int, head_dim: int, dtype: torch.dtyp
     return Pool(k.to(dtype), v.to(dtype), req_to_token, b_req_idx, torch.tensor(lens, dtype=torch.int32))
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int) -> torch.Tensor:
-    """q [n, Hq, D] at positions first_pos.. over k/v [L, Hkv, D]; causal; fp32 [n, Hq, D]."""
+def make_int8_pool(lens: list[int], n_kv_heads: int, head_dim: int, seed: int = 0) -> Pool:
+    """`make_pool`'s requests in an int8 pool, quantized by the reference; the poison row's
+    scales are NaN."""
+    pool = make_pool(lens, n_kv_heads, head_dim, torch.float32, seed)
+    (k, k_scale), (v, v_scale) = quantize_kv(pool.k_cache.nan_to_num()), quantize_kv(pool.v_cache.nan_to_num())
+    k_scale[-1] = v_scale[-1] = float("nan")
+    return Pool(k, v, pool.req_to_token, pool.b_req_idx, pool.b_seq_len, k_scale, v_scale)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [n, Hq, D] at positions first_pos.. over k/v [L, Hkv, D]; causal; [n, Hq, D] computed in `dtype`."""
     n, length = q.shape[0], k.shape[0]
     visible = torch.arange(length)[None, :] <= (first_pos + torch.arange(n))[:, None]
-    o = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1),
-                                       attn_mask=visible, scale=q.shape[-1] ** -0.5, enable_gqa=True)
+    o = F.scaled_dot_product_attention(q.to(dtype).transpose(0, 1), k.to(dtype).transpose(0, 1),
+                                       v.to(dtype).transpose(0, 1), attn_mask=visible, scale=q.shape[-1] ** -0.5,
+                                       enable_gqa=True)
     return o.transpose(0, 1)
 
 
@@ -127,6 +154,25 @@ def test_decode_bf16_and_strided_query():
     expected = torch.stack([reference_attention(q[i : i + 1], pool.k_cache[pool.slots(i)], pool.v_cache[pool.slots(i)],
                                                 LENS[i] - 1)[0] for i in range(len(LENS))])
     torch.testing.assert_close(out.float(), expected, **ATTN_TOL[torch.bfloat16])
+
+
+# The kernels compute int8 * scale products in fp32 (folded into the scores and into P), so
+# against float64 an fp32 query sees only fp32 rounding, well inside ATTN_TOL (and 1e-3). An fp16
+# query keeps fp16 dot operands: P * v_scale is rounded to fp16 before P @ V, and so is the
+# output (2^-11 relative each), hence the fp16 tolerance.
+@pytest.mark.parametrize("dtype, split_len", [(torch.float32, 64), (torch.float16, None)])
+def test_decode_int8_pool_matches_float64_reference(dtype: torch.dtype, split_len: int | None):
+    n_kv, group, head_dim = 2, 3, 64
+    pool = make_int8_pool(LENS, n_kv, head_dim, seed=12)
+    q = torch.randn(len(LENS), n_kv * group, head_dim, generator=torch.Generator().manual_seed(13)).to(dtype)
+    plan = plan_decode(len(LENS), q.shape[1], n_kv, head_dim, max(LENS), q.device, split_len)
+    out = token_attention_decode(q, pool.k_cache, pool.v_cache, pool.req_to_token, pool.b_req_idx, pool.b_seq_len,
+                                 plan, head_dim**-0.5, k_scale=pool.k_scale, v_scale=pool.v_scale)
+    assert out.dtype == dtype
+    k, v = pool.values(torch.float64)
+    expected = torch.stack([reference_attention(q[i : i + 1], k[pool.slots(i)], v[pool.slots(i)], LENS[i] - 1,
+                                                torch.float64)[0] for i in range(len(LENS))])
+    torch.testing.assert_close(out.double(), expected, **ATTN_TOL[dtype])
 
 
 def test_plan_splits_only_on_long_contexts_or_small_batches():
@@ -169,6 +215,26 @@ def test_context_attention_matches_reference(with_prefix: bool, group: int, head
         torch.testing.assert_close(out[start : start + n].float(), expected, **ATTN_TOL[dtype], msg=f"request {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # tolerances: as for int8 decode
+def test_context_attention_int8_pool_matches_float64_reference(dtype: torch.dtype):
+    new_lens, prefix_lens = [1, 17, 40], [3, 0, 30]
+    seq_lens = [p + n for p, n in zip(prefix_lens, new_lens)]
+    n_kv, group, head_dim = 2, 3, 64
+    pool = make_int8_pool(seq_lens, n_kv, head_dim, seed=14)
+    q = torch.randn(sum(new_lens), n_kv * group, head_dim, generator=torch.Generator().manual_seed(15)).to(dtype)
+    starts = [sum(new_lens[:i]) for i in range(len(new_lens))]
+    i32 = dict(dtype=torch.int32)
+    out = context_attention(q, pool.k_cache, pool.v_cache, pool.req_to_token, pool.b_req_idx, pool.b_seq_len,
+                            torch.tensor(new_lens, **i32), torch.tensor(starts, **i32), max(new_lens), head_dim**-0.5,
+                            k_scale=pool.k_scale, v_scale=pool.v_scale)
+    assert out.dtype == dtype
+    k, v = pool.values(torch.float64)
+    for i, (start, n) in enumerate(zip(starts, new_lens)):
+        expected = reference_attention(q[start : start + n], k[pool.slots(i)], v[pool.slots(i)], prefix_lens[i],
+                                       torch.float64)
+        torch.testing.assert_close(out[start : start + n].double(), expected, **ATTN_TOL[dtype], msg=f"request {i}")
+
+
 # ---- the back end against TorchAttention ----------------------------------------------------
 
 def _state(pool: Pool, num_decode: int, new_lens: list[int]) -> ForwardState:
@@ -185,9 +251,10 @@ def _state(pool: Pool, num_decode: int, new_lens: list[int]) -> ForwardState:
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_backend_matches_torch_attention_on_a_mixed_step(dtype: torch.dtype):
-    """Decode rows, a whole prompt and prompt chunks with a prefix in the pool, in one step."""
+@pytest.mark.parametrize("dtype, int8", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
+def test_backend_matches_torch_attention_on_a_mixed_step(dtype: torch.dtype, int8: bool):
+    """Decode rows, a whole prompt and prompt chunks with a prefix in the pool, in one step (in
+    a float or an int8 pool)."""
     n_kv, group, head_dim = 2, 3, 64
     heads = n_kv * group
     torch_attn, triton_attn = TorchAttention(heads, n_kv, head_dim), TritonAttention(heads, n_kv, head_dim)
@@ -195,12 +262,17 @@ def test_backend_matches_torch_attention_on_a_mixed_step(dtype: torch.dtype):
     gen = torch.Generator().manual_seed(3)
     seq_lens = [5, 77, 20, 9, 70]  # two decode rows, then chunks of 20 (whole), 4 and 33 tokens
     new_lens = [20, 4, 33]
-    pool = make_pool(seq_lens, n_kv, head_dim, dtype, seed=11)
+    pool = make_int8_pool(seq_lens, n_kv, head_dim, seed=11) if int8 else make_pool(seq_lens, n_kv, head_dim, dtype,
+                                                                                    seed=11)
     # Each back end gets its own state: begin_step stores back-end specific metadata in it.
     torch_state, triton_state = _state(pool, 2, new_lens), _state(pool, 2, new_lens)
     q = torch.randn(2 + sum(new_lens), heads, head_dim, generator=gen).to(dtype)
-    k, v = pool.k_cache[torch_state.out_slots], pool.v_cache[torch_state.out_slots]
-    kv = LayerKV(pool.k_cache, pool.v_cache)
+    kv = pool.layer()
+    # The step's new k/v as the pool holds them. For an int8 pool these are the dequantized
+    # values: torch attends the whole prompt (no prefix) to the k/v it is handed, Triton reads
+    # them back quantized from the pool, and only the same values make the two comparable.
+    k, v = kv.gather(torch_state.out_slots, dtype)
+    pool_k, pool_v = pool.values(dtype)
     torch_attn.begin_step(torch_state)
     triton_attn.begin_step(triton_state)
     expected = torch_attn.forward(q, k, v, kv, torch_state).float()
@@ -208,7 +280,7 @@ def test_backend_matches_torch_attention_on_a_mixed_step(dtype: torch.dtype):
     for i in range(len(seq_lens)):  # and torch itself against the reference
         rows = slice(i, i + 1) if i < 2 else slice(2 + sum(new_lens[: i - 2]), 2 + sum(new_lens[: i - 1]))
         n = rows.stop - rows.start
-        want = reference_attention(q[rows], pool.k_cache[pool.slots(i)], pool.v_cache[pool.slots(i)], seq_lens[i] - n)
+        want = reference_attention(q[rows], pool_k[pool.slots(i)], pool_v[pool.slots(i)], seq_lens[i] - n)
         torch.testing.assert_close(expected[rows], want, **ATTN_TOL[dtype], msg=f"request {i}")
 
 
@@ -270,6 +342,44 @@ def test_write_kv_scatters_strided_kv_into_slots(slot_dtype: torch.dtype):
     expected_k, expected_v = k_cache.clone().index_copy_(0, slots, k), v_cache.clone().index_copy_(0, slots, v)
     TritonOps.write_kv(LayerKV(k_cache, v_cache), slots.to(slot_dtype), k, v)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_int8_matches_torch_quantization(dtype: torch.dtype):
+    """Bit for bit the torch write (`quantize_kv`): int8 values, scales, and untouched slots;
+    strided k/v, 3 heads and head_dim 48 (masked lanes), an all-zero row and exact ties."""
+    n_tok, kv_heads, head_dim, pool_size = 9, 3, 48, 30
+    gen = torch.Generator().manual_seed(16)
+    kv = (4 * torch.randn(n_tok, 2 * kv_heads * head_dim, generator=gen)).to(dtype)
+    k, v = (t.view(n_tok, kv_heads, head_dim) for t in kv.chunk(2, dim=-1))
+    k[0, 1] = 0.0
+    # absmax 127 makes the multiplier exactly 1, so x.5 values are ties (half to even: 2, -4, 0).
+    k[1, 2] = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -0.5] * 8, dtype=dtype)
+    slots = torch.randperm(pool_size, generator=gen)[:n_tok]
+
+    def pool() -> LayerKV:
+        g = torch.Generator().manual_seed(17)
+        values = [torch.randint(-127, 128, (pool_size, kv_heads, head_dim), generator=g, dtype=torch.int8)
+                  for _ in range(2)]
+        return LayerKV(*values, *(torch.rand(pool_size, kv_heads, generator=g) for _ in range(2)))
+
+    expected, got = pool(), pool()
+    TorchOps.write_kv(expected, slots, k, v)
+    TritonOps.write_kv(got, slots.to(torch.int32), k, v)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert got.k_scale[slots[0], 1] == 0 and not got.k[slots[0], 1].any()
+
+
+def test_kv_scales_must_match_the_pool():
+    k = torch.zeros(4, 2, 8)
+    slots = torch.arange(4)
+    int8 = torch.zeros(4, 2, 8, dtype=torch.int8)
+    scale = torch.zeros(4, 2)
+    for caches, scales in [((int8, int8), (None, None)), ((k, k), (scale, scale)), ((int8, int8), (scale, None)),
+                           ((int8, int8), (scale, scale.double()))]:
+        with pytest.raises(ValueError):
+            write_kv(*caches, slots, k, k, *scales)
 
 
 # ---- end to end -----------------------------------------------------------------------------

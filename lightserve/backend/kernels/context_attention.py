@@ -12,6 +12,12 @@ K/V come from the TokenAttention pool through ``req_to_token``, written before t
 Grid (requests, q_heads, query blocks): each program holds a [BLOCK_M, D] block of queries of
 one head and streams [BLOCK_N, D] K/V tiles with an online softmax, stopping at the block's
 last causal position. GQA reads the KV head of the query head (K/V are never repeated).
+
+An int8 pool (value = int8 * scale, one fp32 scale per slot and KV head) runs the same algorithm:
+the int8 K/V tiles are converted to the query's dot dtype (exact: |int8| <= 127), each position's
+K scale multiplies its column of scores and its V scale its column of probabilities before P @ V,
+so no tile is dequantized element by element. The chunk's own tokens are read back quantized
+from the pool like the prefix.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lightserve.backend.kernels.kv_copy import check_kv_scales
 from lightserve.backend.kernels.runtime import INTERPRET, check_device, dot_dtype, next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -50,10 +57,13 @@ def context_launch(head_dim: int) -> ContextLaunch:
 
 
 @triton.jit
-def _context_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, rows_ptr, b_seq_len_ptr, b_new_len_ptr, b_q_start_ptr,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+def _context_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, out_ptr, table_ptr, rows_ptr, b_seq_len_ptr,
+                    b_new_len_ptr, b_q_start_ptr,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_kst, stride_ksh, stride_vst, stride_vsh, stride_ot, stride_oh,
                     stride_table, qk_scale, group, head_dim,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    QUANTIZED: tl.constexpr):
     req = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     m0 = tl.program_id(2) * BLOCK_M
@@ -86,7 +96,11 @@ def _context_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, rows_ptr, b_seq_len
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + slots[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
                         mask=kv_mask, other=0.0).to(DOT_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            if QUANTIZED:
+                k_sc = tl.load(k_scale_ptr + slots * stride_kst + kv_head * stride_ksh, mask=mask_n, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * (k_sc * qk_scale)[None, :]
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
             visible = mask_n[None, :] & (n[None, :] <= pos_m[:, None])
             s = tl.where(visible, s, float("-inf"))
             # Position 0 is visible to every row, so m_new is finite from the first tile on.
@@ -96,6 +110,11 @@ def _context_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, rows_ptr, b_seq_len
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + slots[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
                         mask=kv_mask, other=0.0).to(DOT_DTYPE)
+            if QUANTIZED:
+                # sum_n p[n] * (v_int[n] * v_scale[n]) = sum_n (p[n] * v_scale[n]) * v_int[n]; l_i
+                # keeps the unscaled p.
+                p = p * tl.load(v_scale_ptr + slots * stride_vst + kv_head * stride_vsh, mask=mask_n,
+                                other=0.0)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
             m_i = m_new
 
@@ -113,10 +132,10 @@ def context_attention(q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor,
 
     k_src/v_src [S, Hkv, D]: where K/V live (the pool, or the packed new k/v); table [R, L]
     int32 with rows [B] int32 selecting each request's row; b_seq_len, b_new_len, b_q_start
-    int32 [B] as in the module docstring; max_new_len = max(b_new_len) (sets the grid).
+    int32 [B] as in the module docstring; max_new_len = max(b_new_len) (sets the grid). An int8
+    pool passes its fp32 k_scale/v_scale [S, Hkv] (value = int8 * scale); q's dtype then sets the
+    dot operands' dtype.
     """
-    if k_scale is not None or v_scale is not None:
-        raise NotImplementedError("int8 KV context attention in Triton")
     check_device(q.device)
     n_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_src.shape[1]
@@ -125,18 +144,23 @@ def context_attention(q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor,
     for name, t in (("q", q), ("k", k_src), ("v", v_src), ("table", table)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim")
+    quantized = check_kv_scales(k_src, v_src, k_scale, v_scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch = b_new_len.shape[0]
     if n_tokens == 0 or batch == 0 or max_new_len == 0:
         return out
+    # A float pool: the kernel compiles without the scale loads; the K/V source stands in for them.
+    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_src, v_src)
     launch = context_launch(head_dim)
     grid = (batch, num_heads, triton.cdiv(max_new_len, launch.block_m))
     _context_kernel[grid](
-        q, k_src, v_src, out, table, rows, b_seq_len, b_new_len, b_q_start,
+        q, k_src, v_src, k_scale, v_scale, out, table, rows, b_seq_len, b_new_len, b_q_start,
         q.stride(0), q.stride(1), k_src.stride(0), k_src.stride(1), v_src.stride(0), v_src.stride(1),
+        k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
         out.stride(0), out.stride(1), table.stride(0), scale * _LOG2E, num_heads // num_kv_heads, head_dim,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=next_pow2(head_dim),
-        DOT_DTYPE=dot_dtype(k_src.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
+        DOT_DTYPE=dot_dtype(q.dtype if quantized else k_src.dtype), QUANTIZED=quantized,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

@@ -12,6 +12,11 @@ Each request has one new query token per head. Its K/V are scattered over the To
 
 Splitting the sequence keeps the GPU busy when batch * kv_heads is small (one long request would
 otherwise run on a handful of SMs); with a big batch `plan_decode` picks a single split.
+
+An int8 pool (value = int8 * scale, one fp32 scale per slot and KV head) runs the same algorithm:
+the int8 K/V tiles are converted to the query's dot dtype (exact: |int8| <= 127), each position's
+K scale multiplies its column of scores and its V scale its column of probabilities before P @ V,
+so no tile is dequantized element by element.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lightserve.backend.kernels.kv_copy import check_kv_scales
 from lightserve.backend.kernels.runtime import INTERPRET, check_device, dot_dtype, next_pow2, num_sms
 
 _LOG2E = 1.4426950408889634
@@ -87,13 +93,14 @@ def plan_decode(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, ma
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, req_to_token_ptr, b_req_idx_ptr, b_seq_len_ptr,
-                         mid_out_ptr, mid_lse_ptr,
-                         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, req_to_token_ptr, b_req_idx_ptr,
+                         b_seq_len_ptr, mid_out_ptr, mid_lse_ptr,
+                         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_kst, stride_ksh, stride_vst, stride_vsh, stride_table,
                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                          qk_scale, group, head_dim, split_len,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr):
+                         DOT_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -123,7 +130,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, req_to_token_ptr, b_req_idx_ptr, b
             k = tl.load(k_ptr + slots[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
                         mask=kv_mask, other=0.0).to(DOT_DTYPE)
             # Scores in log2 units (qk_scale includes log2(e)) so the softmax can use exp2.
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            if QUANTIZED:
+                k_sc = tl.load(k_scale_ptr + slots * stride_kst + kv_head * stride_ksh, mask=mask_n, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * (k_sc * qk_scale)[None, :]
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -131,6 +142,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, req_to_token_ptr, b_req_idx_ptr, b
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + slots[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
                         mask=kv_mask, other=0.0).to(DOT_DTYPE)
+            if QUANTIZED:
+                # sum_n p[n] * (v_int[n] * v_scale[n]) = sum_n (p[n] * v_scale[n]) * v_int[n]; l_i
+                # keeps the unscaled p.
+                p = p * tl.load(v_scale_ptr + slots * stride_vst + kv_head * stride_vsh, mask=mask_n,
+                                other=0.0)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
             m_i = m_new
 
@@ -174,10 +190,10 @@ def token_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     k_cache/v_cache [S, Hkv, D] are the pool; req_to_token [R, Lmax] (int32) maps a request's
     positions to slots; b_req_idx/b_seq_len (int32, [B]) pick the row and length per request;
-    `plan` must come from `plan_decode` with this batch's size and longest length.
+    `plan` must come from `plan_decode` with this batch's size and longest length. An int8 pool
+    passes its fp32 k_scale/v_scale [S, Hkv] (value = int8 * scale); q's dtype then sets the dot
+    operands' dtype.
     """
-    if k_scale is not None or v_scale is not None:
-        raise NotImplementedError("int8 KV decode attention in Triton")
     check_device(q.device)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -189,22 +205,26 @@ def token_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("req_to_token", req_to_token)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim")
+    quantized = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
+    # A float pool: the kernel compiles without the scale loads; the cache stands in for them.
+    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)
     group = num_heads // num_kv_heads
     launch = decode_launch(head_dim)
     block_d = next_pow2(head_dim)
     mid_out, mid_lse = plan.mid_out, plan.mid_lse
     _decode_split_kernel[(batch, num_kv_heads, plan.num_splits)](
-        q, k_cache, v_cache, req_to_token, b_req_idx, b_seq_len, mid_out, mid_lse,
+        q, k_cache, v_cache, k_scale, v_scale, req_to_token, b_req_idx, b_seq_len, mid_out, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        req_to_token.stride(0), mid_out.stride(0), mid_out.stride(1), mid_out.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1),
+        k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1), req_to_token.stride(0),
+        mid_out.stride(0), mid_out.stride(1), mid_out.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         scale * _LOG2E, group, head_dim, plan.split_len,
         BLOCK_G=max(_MIN_DOT, next_pow2(group)), BLOCK_N=launch.block_n, BLOCK_D=block_d,
-        DOT_DTYPE=dot_dtype(k_cache.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
+        DOT_DTYPE=dot_dtype(q.dtype if quantized else k_cache.dtype), QUANTIZED=quantized,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     _decode_reduce_kernel[(batch, num_heads)](
         mid_out, mid_lse, b_seq_len, out,

@@ -6,6 +6,11 @@ offsets), so the per-layer calls are kernel launches only.
 
 Prefill reads K/V through the token table from the layer's pool (K/V already written), so a chunk
 whose prompt began in an earlier step attends to that prefix like to its new tokens.
+
+An int8 pool (`LayerKV` with scales) is written quantized by `TritonOps.write_kv` and read by
+both kernels as int8 with its per-slot, per-head scales; every prefill chunk, a fresh prompt's
+too, attends the quantized values it reads back (the torch back end attends a fresh prompt's
+unquantized k/v).
 """
 
 from __future__ import annotations
