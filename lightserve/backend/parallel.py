@@ -33,6 +33,12 @@ class TensorParallel:
             dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank, in place."""
+        if self.enabled:
+            dist.broadcast(x, src=0)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's slice along the last dimension (vocab-split logits)."""
         if not self.enabled:

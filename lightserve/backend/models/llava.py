@@ -43,4 +43,4 @@ class LlavaForConditionalGeneration(CausalLM):
         # The placeholder id may lie outside the text vocabulary; its lookup is overwritten anyway.
         ids = input_ids.index_fill(0, state.image_rows, 0)
         hidden = super().embed_tokens(ids, state)
-        return hidden.index_copy_(0, state.image_rows, state.image_embeds.to(hidden.dtype))
+        return hidden.index_copy_(0, state.image_rows, self.linears.to_residual(state.image_embeds.to(hidden.dtype)))

@@ -31,10 +31,6 @@ class LayerWeights:
 
     def __init__(self, reader: CheckpointReader, prefix: str, cfg: ModelConfig, linears: LinearFactory):
         tp = linears.tp
-
-        def load(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=linears.device, dtype=linears.dtype).contiguous()
-
         attn, mlp = prefix + "self_attn.", prefix + "mlp."
         split = tp.head_split(cfg.num_heads, cfg.num_kv_heads)
         q_heads, kv_heads, d = (split.q_start, split.q_end), (split.kv_start, split.kv_end), cfg.head_dim
@@ -47,14 +43,16 @@ class LayerWeights:
             kb = reader.get_heads(attn + "k_proj.bias", kv_heads, d)
             vb = reader.get_heads(attn + "v_proj.bias", kv_heads, d)
             qkv_bias = torch.cat([qb, kb, vb])
-        self.qkv = linears.column(torch.cat([q, k, v]), qkv_bias)
+        input_norm = reader.get(prefix + "input_layernorm.weight")
+        post_attention_norm = reader.get(prefix + "post_attention_layernorm.weight")
+        self.qkv = linears.column(torch.cat([q, k, v]), qkv_bias, norm=input_norm)
         self.o_proj = linears.row(reader.get_heads(attn + "o_proj.weight", q_heads, d, dim=1))
         gate = reader.get_split(mlp + "gate_proj.weight", tp, dim=0)
         up = reader.get_split(mlp + "up_proj.weight", tp, dim=0)
-        self.gate_up = linears.column(torch.cat([gate, up]))
+        self.gate_up = linears.column(torch.cat([gate, up]), norm=post_attention_norm)
         self.down = linears.row(reader.get_split(mlp + "down_proj.weight", tp, dim=1))
-        self.input_norm = load(reader.get(prefix + "input_layernorm.weight"))
-        self.post_attention_norm = load(reader.get(prefix + "post_attention_layernorm.weight"))
+        self.input_norm = linears.norm(input_norm)
+        self.post_attention_norm = linears.norm(post_attention_norm)
 
 
 class DecoderLayer:
@@ -127,7 +125,7 @@ class CausalLM:
     def __init__(self, model_dir: str, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                  device: torch.device, attention, quantization: str = "none", quantize_lm_head: bool = False):
         self.cfg = cfg
-        self.linears = LinearFactory(tp, dtype, device, quantization, quantize_lm_head)
+        self.linears = LinearFactory(tp, dtype, device, quantization, quantize_lm_head, cfg.hidden_size)
         self.tp = tp
         self.dtype = dtype
         self.device = device
@@ -150,11 +148,13 @@ class CausalLM:
         p, cfg = self.prefix, self.cfg
         self.vocab_start, self.vocab_end = self.tp.shard(cfg.vocab_size, "vocab size")
         embed_name = p + "embed_tokens.weight"
-        self.embed = reader.get_split(embed_name, self.tp, dim=0).to(self.device, self.dtype).contiguous()
+        embed = reader.get_split(embed_name, self.tp, dim=0)
+        self.embed = self.linears.embedding(embed)
         head_name = self.lm_head_name if (self.lm_head_name in reader and not cfg.tie_word_embeddings) else embed_name
-        head = self.embed if head_name == embed_name else reader.get_split(head_name, self.tp, dim=0)
-        self.lm_head = self.linears.lm_head(head)
-        self.final_norm = reader.get(p + "norm.weight").to(self.device, self.dtype)
+        head = embed if head_name == embed_name else reader.get_split(head_name, self.tp, dim=0)
+        final_norm = reader.get(p + "norm.weight")
+        self.lm_head = self.linears.lm_head(head, final_norm)
+        self.final_norm = self.linears.norm(final_norm)
         self.layers = [
             self.layer_cls(i, self.weights_cls(reader, f"{p}layers.{i}.", cfg, self.linears),
                            cfg, self.tp, self.attention)
