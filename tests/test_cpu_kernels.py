@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightserve.backend import cpu_kernels
+from lightserve.backend.mem_manager import quantize_kv
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}"
@@ -222,6 +223,119 @@ def _case_for_errors() -> dict:
 )
 def test_invalid_inputs_raise(change, message):
     case = _case_for_errors()
+    change(case)
+    with pytest.raises(ValueError, match=message):
+        cpu_kernels.token_decode_attention(**case)
+
+
+# ---------------------------------------------------------------- int8 pool
+
+# The kernel is held to a float64 reference of the same quantized arithmetic: the pool's int8
+# values times their scales, then exact softmax attention. With AVX512-VNNI and D a multiple of 64
+# it quantizes q to 16 bits per head and each block's softmax weights to 15 bits, so its error is
+# ~2^-15 of the largest terms rather than of each output element: rtol 1e-3 (the issue's bound)
+# plus an absolute 1e-4 for outputs near zero (unit-scale data: outputs are O(0.1..1)). A bf16
+# output is also rounded to bf16, up to 2^-8 relative, on top of that.
+INT8_TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.bfloat16: dict(atol=1e-4, rtol=1e-3 + 2**-8)}
+
+
+def int8_case(case: dict) -> dict:
+    """The case with its K/V pool quantized as the int8 pool stores it (`quantize_kv`)."""
+    (k, k_scale), (v, v_scale) = quantize_kv(case["k_cache"]), quantize_kv(case["v_cache"])
+    return dict(case, k_cache=k, v_cache=v, k_scale=k_scale, v_scale=v_scale)
+
+
+def int8_reference(case: dict) -> torch.Tensor:
+    """Float64 attention over the dequantized pool (int8 * scale, in float64)."""
+    args = {name: case[name] for name in ("q", "req_to_token", "b_req_idx", "b_seq_len", "scale")}
+    k = case["k_cache"].double() * case["k_scale"].double().unsqueeze(-1)
+    v = case["v_cache"].double() * case["v_scale"].double().unsqueeze(-1)
+    return reference(k_cache=k, v_cache=v, **args)
+
+
+def assert_int8_matches_reference(case: dict, out: torch.Tensor) -> None:
+    assert out.dtype == case["q"].dtype and out.shape == case["q"].shape
+    torch.testing.assert_close(out.double(), int8_reference(case), **INT8_TOLERANCES[case["q"].dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 80, 40])
+def test_int8_pool_matches_reference_of_its_arithmetic(dtype, head_dim):
+    # SmolLM2's GQA (9 q / 3 kv heads). 64 and 128 take the integer (VNNI) path where the CPU has
+    # it, 80 the widening vector path, 40 the portable one.
+    case = int8_case(make_case(RAGGED, n_kv_heads=3, group=3, head_dim=head_dim, dtype=dtype, seed=head_dim))
+    assert_int8_matches_reference(case, cpu_kernels.token_decode_attention(**case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 40])
+def test_int8_pool_small_and_large_batch_strided(dtype, batch):
+    # One entry splits by kv head (a unit reads 64 bytes of a slot row), 40 read whole rows; q is
+    # a slice of a fused qkv output and out is given.
+    lens = torch.randint(1, 300, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
+    case = int8_case(make_case(lens, n_kv_heads=3, group=3, head_dim=64, dtype=dtype, seed=batch))
+    qkv = torch.randn(batch, 15, 64).to(dtype)
+    qkv[:, :9] = case["q"]
+    out = torch.full((batch, 9, 64), float("nan"), dtype=dtype)
+    result = cpu_kernels.token_decode_attention(**dict(case, q=qkv[:, :9]), out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert_int8_matches_reference(case, out)
+
+
+def test_int8_pool_with_zero_rows_and_rising_scores():
+    # All-zero rows (scale 0) score 0 and add nothing; K rows that grow along the context make
+    # the running max change block after block.
+    lens = [300, 45]
+    case = make_case(lens, n_kv_heads=1, group=4, head_dim=64, dtype=torch.float32)
+    position = torch.zeros(case["k_cache"].shape[0])
+    for row, length in zip(case["b_req_idx"].tolist(), lens):
+        position[case["req_to_token"][row, :length].long()] = torch.arange(length) / length
+    case["q"] = case["q"].abs() + 0.5
+    case["k_cache"] = case["k_cache"] + 0.3 * position.view(-1, 1, 1)
+    zero = case["req_to_token"][case["b_req_idx"][0], 10:20].long()
+    case["k_cache"][zero] = 0
+    case["v_cache"][zero] = 0
+    case = int8_case(case)
+    assert not case["k_scale"][zero].any()
+    assert_int8_matches_reference(case, cpu_kernels.token_decode_attention(**case))
+
+
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_int8_pool_bitwise_independent_of_threads_and_batch(head_dim):
+    lens = torch.randint(1, 700, (24,), generator=torch.Generator().manual_seed(6)).tolist()
+    case = int8_case(make_case(lens, n_kv_heads=3, group=3, head_dim=head_dim, dtype=torch.bfloat16))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single_thread = cpu_kernels.token_decode_attention(**case)
+    finally:
+        torch.set_num_threads(threads)
+    batched = cpu_kernels.token_decode_attention(**case)
+    assert torch.equal(single_thread, batched)
+    for b in (0, 7):  # alone, an entry's units split by kv head: same bits
+        alone = dict(case, q=case["q"][b:b + 1], b_req_idx=case["b_req_idx"][b:b + 1],
+                     b_seq_len=case["b_seq_len"][b:b + 1])
+        assert torch.equal(cpu_kernels.token_decode_attention(**alone)[0], batched[b])
+
+
+def _int8_case_for_errors() -> dict:
+    return int8_case(make_case([4, 9], n_kv_heads=2, group=2, head_dim=64, dtype=torch.float32))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(v_scale=None), "needs both k_scale and v_scale"),
+        (lambda c: c.update(k_cache=c["k_cache"].float(), v_cache=c["v_cache"].float()), "must be int8"),
+        (lambda c: c.update(k_scale=c["k_scale"].double()), "k_scale must be a contiguous float32"),
+        (lambda c: c.update(v_scale=c["v_scale"][:, :1]), "v_scale must be a contiguous float32"),
+        (lambda c: c.update(k_scale=c["k_scale"].t().contiguous().t()), "k_scale must be a contiguous"),
+        (lambda c: c.update(k_cache=c["k_cache"][:, :, :32].contiguous()), "differ"),
+        (lambda c: c["req_to_token"][c["b_req_idx"][1], 2].fill_(-1), "slot outside"),
+    ],
+)
+def test_int8_invalid_inputs_raise(change, message):
+    case = _int8_case_for_errors()
     change(case)
     with pytest.raises(ValueError, match=message):
         cpu_kernels.token_decode_attention(**case)

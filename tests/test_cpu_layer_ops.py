@@ -14,6 +14,7 @@ import torch
 
 from lightserve.backend import cpu_kernels
 from lightserve.backend.cpu_kernels import layer_ops
+from lightserve.backend.cpu_kernels.layer_ops import CpuOps
 from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.torch_ops import TorchOps
 
@@ -120,6 +121,58 @@ def test_write_kv_with_a_bad_slot_writes_nothing():
     assert not k_cache.any() and not v_cache.any()
 
 
+def int8_pool(slots_total: int, heads: int, dim: int) -> LayerKV:
+    """An empty int8 pool layer, as MemoryManager(..., kv_dtype=torch.int8) holds it."""
+    zeros = torch.zeros(slots_total, heads, dim, dtype=torch.int8)
+    return LayerKV(zeros, zeros.clone(), torch.zeros(slots_total, heads), torch.zeros(slots_total, heads))
+
+
+def assert_pools_equal(got: LayerKV, want: LayerKV) -> None:
+    for name in ("k", "v", "k_scale", "v_scale"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} elements differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 40])  # 40: a scalar tail after the 16-wide steps
+def test_write_kv_int8_equals_torch_bit_for_bit(dtype, dim):
+    # Rows strided in a fused qkv output, magnitudes from 1e-30 to 1e30, an all-zero token and an
+    # all-zero head. bf16 inputs land on x * 127 / absmax = n + 0.5 often, so the rounding of
+    # ties and of 127 / absmax itself is exercised.
+    slots_total, heads, rows = 300, 3, 200
+    gen = torch.Generator().manual_seed(dim)
+    magnitude = 10.0 ** torch.randint(-30, 31, (rows, 1), generator=gen).float()
+    qkv = (torch.randn(rows, 5 * heads * dim, generator=gen) * magnitude).to(dtype)
+    k = qkv[:, heads * dim: 2 * heads * dim].view(rows, heads, dim)
+    v = qkv[:, 3 * heads * dim: 4 * heads * dim].view(rows, heads, dim)
+    k[3] = 0
+    v[5, 1] = 0
+    slots = torch.randperm(slots_total, generator=gen)[:rows]
+    expected, ours = int8_pool(slots_total, heads, dim), int8_pool(slots_total, heads, dim)
+    TorchOps.write_kv(expected, slots, k, v)
+    CpuOps.write_kv(ours, slots, k, v)
+    assert_pools_equal(ours, expected)
+    assert not expected.k_scale[slots[3]].any() and not expected.v_scale[slots[5], 1]
+
+
+def test_write_kv_int8_with_a_bad_slot_writes_nothing():
+    pool = int8_pool(8, 2, 16)
+    k = v = torch.ones(3, 2, 16, dtype=torch.bfloat16)
+    for bad in (8, -1):
+        with pytest.raises(ValueError, match="outside"):
+            CpuOps.write_kv(pool, torch.tensor([0, bad, 2]), k, v)
+    assert_pools_equal(pool, int8_pool(8, 2, 16))
+
+
+def _int8_write_args(**change: torch.Tensor | None) -> list:
+    """write_kv's arguments for one fp32 row into a 4-slot int8 pool, with `change` applied."""
+    args = dict(k_cache=torch.zeros(4, 1, 8, dtype=torch.int8), v_cache=torch.zeros(4, 1, 8, dtype=torch.int8),
+                slots=torch.tensor([1]), k=torch.ones(1, 1, 8), v=torch.ones(1, 1, 8), k_scale=torch.zeros(4, 1),
+                v_scale=torch.zeros(4, 1))
+    args.update(change)
+    return list(args.values())
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: layer_ops.rms_norm(torch.ones(2, 8, dtype=torch.float16), torch.ones(8, dtype=torch.float16), 1e-5),
      "float32 or bfloat16"),
@@ -131,6 +184,12 @@ def test_write_kv_with_a_bad_slot_writes_nothing():
      "cos/sin"),
     (lambda: layer_ops.write_kv(torch.zeros(4, 1, 8), torch.zeros(4, 1, 8), torch.tensor([0], dtype=torch.int32),
                                 torch.ones(1, 1, 8), torch.ones(1, 1, 8)), "int64"),
+    (lambda: layer_ops.write_kv(*_int8_write_args(v_scale=None)), "needs both k_scale and v_scale"),
+    (lambda: layer_ops.write_kv(*_int8_write_args(k_scale=torch.zeros(4, 1, dtype=torch.float64))),
+     "k_scale must be a contiguous float32"),
+    (lambda: layer_ops.write_kv(*_int8_write_args(v_scale=torch.zeros(3, 1))), r"v_scale must .* shape \(4, 1\)"),
+    (lambda: layer_ops.write_kv(*_int8_write_args(k=torch.ones(1, 1, 8, dtype=torch.float16))), "float32 or bfloat16"),
+    (lambda: layer_ops.write_kv(*_int8_write_args(k_cache=torch.zeros(4, 1, 8))), "k_cache must be torch.int8"),
 ])
 def test_bad_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):

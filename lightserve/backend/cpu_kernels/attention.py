@@ -24,6 +24,21 @@ def _check_index(name: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> N
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+def check_int8_pool(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None) -> None:
+    """An int8 pool layer: int8 `k_cache`/`v_cache` [S, Hkv, D] and both scales, contiguous
+    float32 CPU tensors [S, Hkv] (the kernels index them as such); ValueError otherwise."""
+    if k_scale is None or v_scale is None:
+        raise ValueError("an int8 pool needs both k_scale and v_scale")
+    if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
+        raise ValueError(f"k_cache and v_cache of an int8 pool must be int8, got {k_cache.dtype} and {v_cache.dtype}")
+    rows = tuple(k_cache.shape[:2])
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s.device.type != "cpu" or s.dtype != torch.float32 or tuple(s.shape) != rows or not s.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor of shape {rows}, "
+                             f"got {s.dtype} {tuple(s.shape)} on {s.device}")
+
+
 def token_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -41,15 +56,20 @@ def token_decode_attention(
     Args:
         q: ``[B, Hq, D]`` fp32 or bf16 queries (inner dims contiguous; a row stride from a
             fused qkv projection is fine).
-        k_cache, v_cache: ``[S, Hkv, D]`` one layer of the KV pool, same dtype as ``q``.
-            ``Hq`` must be a multiple of ``Hkv`` (GQA); query head h uses kv head
-            ``h // (Hq // Hkv)``.
+        k_cache, v_cache: ``[S, Hkv, D]`` one layer of the KV pool, same dtype as ``q``, or int8
+            with ``k_scale``/``v_scale``. ``Hq`` must be a multiple of ``Hkv`` (GQA); query head h
+            uses kv head ``h // (Hq // Hkv)``.
         req_to_token: int32 ``[R, Lmax]``; row r maps each position of request r to its slot.
         b_req_idx: int32 ``[B]``, the req_to_token row of each batch entry.
         b_seq_len: int32 ``[B]``, positions to attend per entry (including the new token),
             each in ``[1, Lmax]``.
         scale: softmax scale, usually ``D ** -0.5``.
         out: optional ``[B, Hq, D]`` output of q's dtype (may be ``q`` itself).
+        k_scale, v_scale: for an int8 pool, float32 ``[S, Hkv]`` (contiguous): a slot's K/V
+            values are its int8 row times its scale (`mem_manager.LayerKV`). With AVX512-VNNI
+            and ``D`` a multiple of 64 the kernel quantizes q to 16 bits per head and each
+            block's softmax weights to 15 bits (token_attention.c): outputs are within ~1e-4
+            of the same attention in exact arithmetic for unit-scale inputs.
 
     Returns:
         ``out`` (or a new tensor) holding the attention output, ``[B, Hq, D]``.
@@ -58,19 +78,20 @@ def token_decode_attention(
         RuntimeError: the kernels are unavailable (see :func:`build.unavailable_reason`).
         ValueError: bad shapes, dtypes, devices or layouts, or an index out of range.
     """
-    if k_scale is not None or v_scale is not None:
-        raise NotImplementedError("int8 KV decode attention in C")
     lib = build.require()
     check_rows("q", q, 3)
     check_rows("k_cache", k_cache, 3)
     check_rows("v_cache", v_cache, 3)
     if q.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"q must be float32 or bfloat16, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    quantized = k_scale is not None or v_scale is not None
+    if not quantized and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
         raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     batch, n_q_heads, head_dim = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if quantized:
+        check_int8_pool(k_cache, v_cache, k_scale, v_scale)
     n_slots, n_kv_heads, kv_dim = k_cache.shape
     if kv_dim != head_dim:
         raise ValueError(f"head_dim of q ({head_dim}) and the cache ({kv_dim}) differ")
@@ -98,6 +119,8 @@ def token_decode_attention(
         q.data_ptr(), q.stride(0),
         k_cache.data_ptr(), k_cache.stride(0),
         v_cache.data_ptr(), v_cache.stride(0),
+        k_scale.data_ptr() if quantized else None, v_scale.data_ptr() if quantized else None,
+        k_scale.stride(0) if quantized else 0,
         req_to_token.data_ptr(), req_to_token.stride(0), req_to_token.shape[0], req_to_token.shape[1],
         b_req_idx.data_ptr(), b_seq_len.data_ptr(), batch,
         n_slots, n_q_heads, n_kv_heads, head_dim,

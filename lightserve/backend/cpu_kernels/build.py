@@ -51,6 +51,7 @@ _SIGNATURES = {
         ptr, i64,  # q, q_stride_b
         ptr, i64,  # k_cache, k_stride_s
         ptr, i64,  # v_cache, v_stride_s
+        ptr, ptr, i64,  # k_scale, v_scale (NULL unless the pool is int8), their row stride
         ptr, i64, i64, i64,  # req_to_token, its row stride, rows, columns (max positions)
         ptr, ptr, i64,  # b_req_idx, b_seq_len, batch
         i64, i64, i64, i64,  # pool slots, q heads, kv heads, head_dim
@@ -64,6 +65,7 @@ _SIGNATURES = {
     "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
     "silu_and_mul": [ptr, i64, ptr, i64, i64, i64, i32, i32],
     "write_kv": [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64],
+    "write_kv_int8": [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32],
     "apply_token_bitmask": [ptr, i64, ptr, i64, ptr, i64, i64],
     "row_absmax": [ptr, i64, i32, i64, i64, ptr, i32],
     "quantize_rows": [ptr, i64, i32, i64, i64, ptr, ptr, ptr, i32],

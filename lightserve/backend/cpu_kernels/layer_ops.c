@@ -276,3 +276,73 @@ int write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, v
     }
     return LO_OK;
 }
+
+/*
+ * The int8 pool's write: every (token, head) row of D values is quantized as
+ * mem_manager.quantize_kv (quant.quantize_symmetric) does, bit for bit: in fp32, absmax = max |x|,
+ * inv = 127 / absmax (0 for an all-zero row), q = x * inv rounded half to even (the default
+ * rounding mode) and clamped to [-127, 127], scale = absmax / 127. A row holding a NaN gets
+ * scale NaN, so it reads back as NaN.
+ */
+static inline void quantize_row(const void *x, int8_t *q, float *scale, int64_t dim, int bf16) {
+    float absmax = 0.0f;
+    int nan = 0;
+    int64_t i = 0;
+#if HAVE_AVX512
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 vnan = 0;
+    for (; i + 16 <= dim; i += 16) {
+        const __m512 v = load16(x, i, bf16);
+        vnan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    absmax = _mm512_reduce_max_ps(vmax);
+    nan = vnan != 0;
+#endif
+    for (int64_t t = i; t < dim; t++) {
+        const float a = fabsf(load(x, t, bf16));
+        nan |= a != a;
+        absmax = a > absmax ? a : absmax;
+    }
+    if (nan)
+        absmax = NAN;
+    const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    i = 0;
+#if HAVE_AVX512
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; i + 16 <= dim; i += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, i, bf16), vinv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(v));
+    }
+#endif
+    for (; i < dim; i++) {
+        const float v = nearbyintf(load(x, i, bf16) * inv);
+        q[i] = (int8_t)(v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v);
+    }
+    *scale = absmax / 127.0f;
+}
+
+/*
+ * An int8 pool's k_cache[slots[r]] = quantized k[r] with k_scale[slots[r]] its scales (and the
+ * same for v): k/v rows [heads, dim] of fp32 or bf16 with row strides in elements; the cache rows
+ * (int8, stride cache_stride) and scale rows (fp32, stride scale_stride) likewise. Every slot is
+ * checked before anything is written, so a bad slot changes nothing.
+ */
+int write_kv_int8(const void *k, int64_t k_stride, const void *v, int64_t v_stride, int8_t *k_cache,
+                  int8_t *v_cache, int64_t cache_stride, float *k_scale, float *v_scale, int64_t scale_stride,
+                  const int64_t *slots, int64_t rows, int64_t n_slots, int64_t heads, int64_t dim,
+                  int32_t is_bf16) {
+    const int64_t esz = is_bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= n_slots)
+            return LO_BAD_SLOT;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t src = h * dim * esz, dst = slots[r] * cache_stride + h * dim;
+            const int64_t s = slots[r] * scale_stride + h;
+            quantize_row((const char *)k + r * k_stride * esz + src, k_cache + dst, k_scale + s, dim, is_bf16);
+            quantize_row((const char *)v + r * v_stride * esz + src, v_cache + dst, v_scale + s, dim, is_bf16);
+        }
+    return LO_OK;
+}

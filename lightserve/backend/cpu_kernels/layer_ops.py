@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lightserve.backend.cpu_kernels import build
+from lightserve.backend.cpu_kernels.attention import check_int8_pool
 from lightserve.backend.cpu_kernels.checks import check_rows
 from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.torch_ops import adjacent_heads
@@ -96,12 +97,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """k_cache[slots] = k and v_cache[slots] = v, rows [T, Hkv, D]; ValueError (nothing written)
-    if a slot is outside the pool. An int8 pool (with k_scale/v_scale [S, Hkv] fp32) gets the rows
-    quantized as `mem_manager.quantize_kv` does."""
-    if k_scale is not None or v_scale is not None:
-        raise NotImplementedError("int8 KV write in C")
-    dtype = k_cache.dtype
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+    if a slot is outside the pool. An int8 pool (with k_scale/v_scale [S, Hkv] fp32) gets fp32 or
+    bf16 rows quantized as `mem_manager.quantize_kv` does, bit for bit."""
+    quantized = k_scale is not None or v_scale is not None
+    dtype = _dtype_of(k) if quantized else k_cache.dtype
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_rows(name, t, dtype=torch.int8 if quantized else dtype)
+    for name, t in (("k", k), ("v", v)):
         check_rows(name, t, dtype=dtype)
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError(f"v_cache {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
@@ -110,11 +112,19 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     if slots.device.type != "cpu" or slots.dtype != torch.int64 or slots.shape != (k.shape[0],):
         raise ValueError(f"slots must be an int64 CPU tensor of shape [{k.shape[0]}], got {slots.dtype} {tuple(slots.shape)}")
     slots = slots.contiguous()
-    status = build.require().write_kv(
+    if quantized:
+        check_int8_pool(k_cache, v_cache, k_scale, v_scale)
+        status = build.require().write_kv_int8(
+            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.stride(0), k_scale.data_ptr(), v_scale.data_ptr(), k_scale.stride(0), slots.data_ptr(),
+            k.shape[0], k_cache.shape[0], k.shape[1], k.shape[2], int(dtype == torch.bfloat16),
+        )
+    else:
+        status = build.require().write_kv(
         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), slots.data_ptr(), k.shape[0], k_cache.shape[0], k.shape[1] * k.shape[2] * k.element_size(),
-        k.element_size(),
-    )
+            k_cache.stride(0), slots.data_ptr(), k.shape[0], k_cache.shape[0],
+            k.shape[1] * k.shape[2] * k.element_size(), k.element_size(),
+        )
     if status != 0:
         raise ValueError(f"slots hold an index outside [0, {k_cache.shape[0]})")
 
