@@ -15,22 +15,16 @@ import argparse
 import asyncio
 import json
 import math
-import platform
 
 from transformers import AutoTokenizer
 
 from lightserve.benchmark.client import run_load, warm_up
 from lightserve.benchmark.launch import LaunchedServer
+from lightserve.benchmark.report import cpu_name
 from lightserve.benchmark.stats import RunSummary, summarize
 from lightserve.benchmark.workload import LengthSpec, synthetic_workload
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

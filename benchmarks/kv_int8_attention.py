@@ -17,7 +17,6 @@ repeats of ms per call, and bf16 / int8.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -25,16 +24,11 @@ import torch
 
 from lightserve.backend import cpu_kernels
 from lightserve.backend.mem_manager import LayerKV, MemoryManager, quantize_kv
+from lightserve.benchmark.report import cpu_name
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def slot_table(lens: list[int], layout: str, gen: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -108,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
         raise SystemExit(f"kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {Q_HEADS} q / {KV_HEADS} kv "
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {Q_HEADS} q / {KV_HEADS} kv "
           f"heads, head_dim {HEAD_DIM}, bf16 q; {args.layers} layers x {args.repeats} repeats, medians")
     print(f"{'batch':>5} {'contexts':>10} {'slots':>7} {'bf16 ms':>8} {'int8 ms':>8} {'bf16/int8':>9}")
     for batch in args.batches:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,6 +31,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from lightserve.benchmark.launch import LaunchedServer
+from lightserve.benchmark.report import cpu_name
 from lightserve.utils.embedded_model import embedded_model_dir
 
 TEXT = Path(__file__).parent / "data" / "opticks_queries.txt"
@@ -44,12 +44,6 @@ CONFIGS = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def prompt_logprobs(client: httpx.Client, url: str, model: str, ids: list[int]) -> list[Optional[float]]:

@@ -11,13 +11,13 @@ alone (`torch._int_mm`), medians over repeats, with the ratios and the rate in G
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from lightserve.backend.models.linear import Int8Linear, Linear, int_mm
+from lightserve.benchmark.report import cpu_name
 
 # SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, MLP 1536, vocabulary 49152.
 LAYERS = {
@@ -30,12 +30,6 @@ LAYERS = {
 PER_MODEL = {"qkv": 30, "o_proj": 30, "gate_up": 30, "down": 30, "lm_head": 1}  # calls per decode step
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def median_ms(fn, repeats: int) -> float:

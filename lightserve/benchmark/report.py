@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -11,6 +12,15 @@ from typing import Any, Optional, Sequence
 from lightserve.benchmark.hf_baseline import HFResult
 from lightserve.benchmark.stats import RunSummary
 from lightserve.benchmark.workload import Conversation, WorkloadShape
+
+
+def cpu_name() -> str:
+    """The CPU's model name, to print beside every figure (timings mean little without it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def rate_label(rate: float) -> str:
