@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from lightserve.backend.engine import ModelEngine
-from lightserve.io_struct import Chunk, GenerateReq, StepPlan, TokenOut
+from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan, TokenOut
 
 
 def prefill(engine: ModelEngine, reqs: list[GenerateReq], chunk: Optional[int] = None,
@@ -59,3 +59,35 @@ def assert_kv_whole(engine: ModelEngine, flush: bool = True) -> None:
     if flush:
         engine.step(StepPlan(flush=True))
         assert engine.mem.can_use_mem_size == engine.mem.size and cache.total_tokens == 0
+
+
+def greedy_with_late_joiners(engine: ModelEngine, prompts: list[list[int]], new_tokens: int,
+                             decode_steps: int = 2) -> tuple[dict[int, list[int]], list[torch.Tensor]]:
+    """Greedy tokens per request and the logits of every step: the first half of the requests
+    prefill whole and decode `decode_steps` steps, then the others join with their prompts in
+    chunks of 16 beside the decode rows (a chunk attends to the earlier ones through the token
+    table), and all decode to the end."""
+    reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
+            for i, p in enumerate(prompts)]
+    tokens: dict[int, list[int]] = {r.req_id: [] for r in reqs}
+    logits: list[torch.Tensor] = []
+
+    def step(plan: StepPlan) -> None:
+        logits.append(engine.forward(plan))
+        for out in engine.sample(logits[-1]):
+            tokens[out.req_id].append(out.token_id)
+
+    half = len(reqs) // 2
+    assert not engine.admit(reqs[:half])
+    step(StepPlan(chunks=[Chunk(r.req_id, len(r.prompt_ids)) for r in reqs[:half]]))
+    for _ in range(decode_steps):
+        step(StepPlan(decode=True))
+    assert not engine.admit(reqs[half:])
+    left = {r.req_id: len(r.prompt_ids) for r in reqs[half:]}
+    while left:
+        chunks = [Chunk(req_id, min(n, 16)) for req_id, n in left.items()]
+        step(StepPlan(chunks=chunks, decode=True))
+        left = {c.req_id: left[c.req_id] - c.num_tokens for c in chunks if left[c.req_id] > c.num_tokens}
+    while engine.num_running:
+        step(StepPlan(decode=True))
+    return tokens, logits

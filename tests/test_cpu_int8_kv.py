@@ -14,9 +14,8 @@ from lightserve.backend.engine import ModelEngine
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.mem_manager import MemoryManager
 from lightserve.backend.models.torch_ops import TorchOps
-from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan
 from lightserve.server_args import ServerArgs
-from tests.engine_steps import assert_kv_whole
+from tests.engine_steps import assert_kv_whole, greedy_with_late_joiners
 from tests.model_factory import build_tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -82,35 +81,6 @@ def test_cpu_native_matches_torch_attention_on_an_int8_pool(dtype):
     torch.testing.assert_close(results[1], results[0], **TOLERANCES[dtype])
 
 
-def _greedy(engine: ModelEngine, prompts: list[list[int]], new_tokens: int) -> tuple[dict[int, list[int]], list]:
-    """Greedy tokens per request and the logits of every step: half the requests prefill whole,
-    decode a few steps, then the others join in chunks of 16 beside the decode rows."""
-    reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
-            for i, p in enumerate(prompts)]
-    tokens: dict[int, list[int]] = {r.req_id: [] for r in reqs}
-    logits = []
-
-    def step(plan: StepPlan) -> None:
-        logits.append(engine.forward(plan))
-        for out in engine.sample(logits[-1]):
-            tokens[out.req_id].append(out.token_id)
-
-    half = len(reqs) // 2
-    assert not engine.admit(reqs[:half])
-    step(StepPlan(chunks=[Chunk(r.req_id, len(r.prompt_ids)) for r in reqs[:half]]))
-    for _ in range(2):
-        step(StepPlan(decode=True))
-    assert not engine.admit(reqs[half:])
-    left = {r.req_id: len(r.prompt_ids) for r in reqs[half:]}
-    while left:
-        chunks = [Chunk(req_id, min(n, 16)) for req_id, n in left.items()]
-        step(StepPlan(chunks=chunks, decode=True))
-        left = {c.req_id: left[c.req_id] - c.num_tokens for c in chunks if left[c.req_id] > c.num_tokens}
-    while engine.num_running:
-        step(StepPlan(decode=True))
-    return tokens, logits
-
-
 def test_int8_pool_engine_greedy_tokens_match_torch_backend(tmp_path):
     # head_dim 64 and 3 q heads per kv head, as SmolLM2: the C decode's integer path.
     model_dir = build_tiny_model("llama", tmp_path / "llama", hidden_size=192, num_attention_heads=3,
@@ -123,10 +93,10 @@ def test_int8_pool_engine_greedy_tokens_match_torch_backend(tmp_path):
                           max_total_token_num=400, max_req_total_len=128, running_max_req_size=8)
         return ModelEngine(args, str(model_dir))
 
-    expected_tokens, expected_logits = _greedy(engine("torch"), prompts, 6)
+    expected_tokens, expected_logits = greedy_with_late_joiners(engine("torch"), prompts, 6)
     native = engine("cpu_native")
     assert native.attention_backend == "cpu_native" and native.mem.kv_dtype == torch.int8
-    tokens, logits = _greedy(native, prompts, 6)
+    tokens, logits = greedy_with_late_joiners(native, prompts, 6)
     assert tokens == expected_tokens
     # The two engines' hidden states differ in their last bits (C layer ops, the kernel's
     # arithmetic), so a few of the later tokens' int8 K/V elements land one step (1/127 of their

@@ -49,38 +49,44 @@ def _layer_outputs(engine: ModelEngine, decode_steps: int = 2) -> list[torch.Ten
     return seen
 
 
-def _rank_main(rank: int, port: int, model_dir: str, quantization: str, results) -> None:
+# (family, quantization) pairs one pair of rank processes runs in turn: spawning and importing
+# torch twice costs more than the engines themselves.
+TP_CASES = [("llama", "none"), ("qwen2", "none"), ("llama", "w8a8")]
+
+
+def _rank_main(rank: int, port: int, model_dirs: list[str], results) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    engine = ModelEngine(_engine_args(quantization), model_dir, TensorParallel(rank, 2))
-    outs = _layer_outputs(engine)
-    if rank == 0:
-        results.put([t.numpy() for t in outs])
+    for model_dir, (_, quantization) in zip(model_dirs, TP_CASES):
+        engine = ModelEngine(_engine_args(quantization), model_dir, TensorParallel(rank, 2))
+        outs = _layer_outputs(engine)
+        if rank == 0:
+            results.put([t.numpy() for t in outs])
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("family, quantization", [("llama", "none"), ("qwen2", "none"), ("llama", "w8a8")])
-def test_layer_outputs_tp2_match_tp1(tiny_model_dirs, family, quantization):
+def test_layer_outputs_tp2_match_tp1(tiny_model_dirs):
     """Float: within rounding (the ranks' partial sums add in another order). W8A8: bit for bit,
     since the row-parallel layers quantize with the whole row's absmax and sum exact int32."""
-    model_dir = str(tiny_model_dirs[family])
-    expected = _layer_outputs(ModelEngine(_engine_args(quantization), model_dir))
+    model_dirs = [str(tiny_model_dirs[family]) for family, _ in TP_CASES]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = tmp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, model_dir, quantization, results)) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, model_dirs, results)) for r in range(2)]
     for p in procs:
         p.start()
-    got = results.get(timeout=120)
+    for model_dir, (family, quantization) in zip(model_dirs, TP_CASES):
+        expected = _layer_outputs(ModelEngine(_engine_args(quantization), model_dir))
+        got = results.get(timeout=120)
+        assert len(got) == len(expected)
+        tol = dict(atol=0, rtol=0) if quantization == "w8a8" else dict(atol=1e-4, rtol=1e-4)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(torch.from_numpy(g), e, **tol, msg=f"{family} {quantization}: layer output {i}")
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    assert len(got) == len(expected)
-    tol = dict(atol=0, rtol=0) if quantization == "w8a8" else dict(atol=1e-4, rtol=1e-4)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(torch.from_numpy(g), e, **tol, msg=f"layer output {i}")
 
 
 def test_uneven_head_split_and_clear_errors():

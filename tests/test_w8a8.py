@@ -10,7 +10,7 @@ import transformers
 from lightserve.backend import quant
 from lightserve.backend.cpu_kernels import build, int8_ops
 from lightserve.backend.engine import ModelEngine
-from lightserve.backend.models.linear import Int8Linear, LinearFactory, int_mm
+from lightserve.backend.models.linear import Int8Linear, LinearFactory, hadamard, int_mm, residual_rotation
 from lightserve.backend.parallel import SINGLE
 from lightserve.io_struct import GenerateReq, SamplingParams
 from lightserve.server_args import ServerArgs
@@ -93,6 +93,16 @@ def test_int8_linear_equals_float64_reference_of_its_arithmetic(dtype):
     assert out.shape == (2, 5, 96) and out.dtype == dtype
     rtol = 1e-3 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(out.reshape(10, 96).double(), expected, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [576, 960, 2048, 3584])  # SmolLM2 135M / 360M, Llama 3.2 1B, Qwen2 7B
+def test_residual_rotation_is_a_randomized_hadamard_matrix(n):
+    h = hadamard(n)
+    assert h is not None and torch.equal(h.abs(), torch.ones(n, n, dtype=torch.float64))
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+    q = residual_rotation(n, SINGLE).double()
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert torch.equal(residual_rotation(n, SINGLE), residual_rotation(n, SINGLE).clone())  # fixed
 
 
 def test_factory_flags_are_checked():

@@ -37,9 +37,8 @@ from lightserve.backend.kernels.triton_attention import TritonAttention  # noqa:
 from lightserve.backend.mem_manager import LayerKV, quantize_kv  # noqa: E402
 from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
 from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
-from lightserve.io_struct import Chunk, GenerateReq, SamplingParams, StepPlan  # noqa: E402
 from lightserve.server_args import ServerArgs  # noqa: E402
-from tests.engine_steps import assert_kv_whole  # noqa: E402
+from tests.engine_steps import assert_kv_whole, greedy_with_late_joiners  # noqa: E402
 from tests.model_factory import build_tiny_model  # noqa: E402
 
 assert runtime.INTERPRET, "TRITON_INTERPRET=1 must be set before the kernel modules are imported"
@@ -384,37 +383,6 @@ def test_kv_scales_must_match_the_pool():
 
 # ---- end to end -----------------------------------------------------------------------------
 
-def _generate(engine: ModelEngine, prompts: list[list[int]], new_tokens: int) -> tuple[dict[int, list[int]], list]:
-    """Greedy tokens per request, with the logits of every step. Half the requests join late,
-    their prompts computed in chunks of 16 beside the decode rows (a chunk attends to the
-    earlier chunks through the token table)."""
-    reqs = [GenerateReq(req_id=i, prompt_ids=p, sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
-            for i, p in enumerate(prompts)]
-    got: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
-    logits = []
-
-    def step(plan: StepPlan) -> None:
-        out_logits = engine.forward(plan)
-        logits.append(out_logits)
-        for o in engine.sample(out_logits):
-            got[o.req_id].append(o.token_id)
-
-    half = len(reqs) // 2
-    assert not engine.admit(reqs[:half])
-    step(StepPlan(chunks=[Chunk(r.req_id, len(r.prompt_ids)) for r in reqs[:half]]))
-    for _ in range(3):
-        step(StepPlan(decode=True))
-    assert not engine.admit(reqs[half:])
-    left = {r.req_id: len(r.prompt_ids) for r in reqs[half:]}
-    while left:
-        chunks = [Chunk(req_id, min(n, 16)) for req_id, n in left.items()]
-        step(StepPlan(chunks=chunks, decode=True))
-        left = {c.req_id: left[c.req_id] - c.num_tokens for c in chunks if left[c.req_id] > c.num_tokens}
-    while engine.num_running:
-        step(StepPlan(decode=True))
-    return got, logits
-
-
 def test_tiny_llama_greedy_tokens_match_torch_backend(tmp_path):
     model_dir = build_tiny_model("llama", tmp_path / "llama")
     gen = torch.Generator().manual_seed(8)
@@ -425,14 +393,14 @@ def test_tiny_llama_greedy_tokens_match_torch_backend(tmp_path):
                           max_req_total_len=128, running_max_req_size=8)
         return ModelEngine(args, str(model_dir))
 
-    expected_tokens, expected_logits = _generate(engine("torch"), prompts, 4)
+    expected_tokens, expected_logits = greedy_with_late_joiners(engine("torch"), prompts, 4, decode_steps=3)
     triton = engine("triton")
     assert triton.attention_backend == "triton"
     # Every layer op runs on Triton: attention, norms, rotary, SiLU-mul, KV write.
     assert triton.model.layers[0].ops is TritonOps
     # Decode of the longest request then merges two splits (64 positions each in the interpreter).
     triton.model.attention.split_len = 64
-    tokens, logits = _generate(triton, prompts, 4)
+    tokens, logits = greedy_with_late_joiners(triton, prompts, 4, decode_steps=3)
     assert tokens == expected_tokens
     for got, want in zip(logits, expected_logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -138,11 +138,57 @@ QUANTIZATIONS = ("none", "w8a8")
 _ROTATION_SEED = 0x51_0A7E
 
 
+def _is_prime(p: int) -> bool:
+    return p > 1 and all(p % d for d in range(2, int(p ** 0.5) + 1))
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Paley's construction I: a Hadamard matrix of order q + 1 for a prime q = 3 (mod 4)."""
+    squares = torch.full((q,), -1.0, dtype=torch.float64)
+    squares[[x * x % q for x in range(1, q)]] = 1.0
+    squares[0] = 0.0
+    idx = torch.arange(q)
+    h = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    h[0, 1:] = 1.0
+    h[1:, 0] = -1.0
+    h[1:, 1:] = squares[(idx[None, :] - idx[:, None]) % q]  # the Jacobsthal matrix
+    return h + torch.eye(q + 1, dtype=torch.float64)
+
+
+def hadamard(n: int) -> Optional[torch.Tensor]:
+    """A {-1, 1} [n, n] matrix with H H^T = n I from Sylvester doublings and Kronecker products
+    of Paley matrices (every hidden size of the supported families), or None."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if n % 2 == 0:
+        h = hadamard(n // 2)
+        if h is not None:
+            return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    for d in range(4, n + 1, 4):
+        if n % d == 0 and (d - 1) % 4 == 3 and _is_prime(d - 1):
+            h = hadamard(n // d)
+            if h is not None:
+                return torch.kron(_paley(d - 1), h)
+    return None
+
+
 def residual_rotation(hidden: int, tp: TensorParallel) -> torch.Tensor:
-    """A fixed random orthogonal [hidden, hidden] fp32 matrix, the same on every rank."""
+    """A fixed orthogonal [hidden, hidden] fp32 matrix, the same on every rank: a randomized
+    Hadamard matrix diag(random signs) H / sqrt(hidden) (QuaRot's choice: every entry has the same
+    magnitude, so an outlier channel is spread evenly over all channels), or, for a size with no
+    Hadamard construction here, a random orthogonal one.
+
+    The choice matters: perplexity under W8A8 varies by a few percent from one random orthogonal
+    matrix to another (SmolLM2-135M, emulated, 1024 tokens of the benchmark text: +0.5 % to +1.9 %
+    over 8 draws, and +3.7 % for the one this seed used to draw)."""
     gen = torch.Generator().manual_seed(_ROTATION_SEED)
-    q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
-    q = (q * torch.sign(torch.diagonal(r))).float()  # the unique QR with a positive diagonal
+    h = hadamard(hidden)
+    if h is not None:
+        signs = torch.randint(0, 2, (hidden,), generator=gen).double() * 2 - 1
+        q = (signs[:, None] * h / hidden ** 0.5).float()
+    else:
+        q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+        q = (q * torch.sign(torch.diagonal(r))).float()  # the unique QR with a positive diagonal
     if tp.enabled:  # LAPACK on another node's CPU could round differently: rank 0's is everyone's
         tp.broadcast(q)
     return q
@@ -151,15 +197,15 @@ def residual_rotation(hidden: int, tp: TensorParallel) -> torch.Tensor:
 class LinearFactory:
     """Builds a rank's linear layers from checkpoint tensors (this rank's slices), float or W8A8.
 
-    W8A8 also rotates the residual stream by a fixed orthogonal matrix Q (as QuaRot does, without
-    its online transforms): the embedding is E @ Q, the layers that read the stream (q/k/v,
+    W8A8 also rotates the residual stream by a fixed orthogonal matrix Q (a randomized Hadamard
+    matrix, as QuaRot uses, without its online transforms; `residual_rotation`): the embedding is E @ Q, the layers that read the stream (q/k/v,
     gate/up, lm_head) take W diag(norm) @ Q with their RMSNorm's weight folded in (the norms then
     scale by 1: RMSNorm commutes with an orthogonal map), and the layers that write it (o_proj,
     down) take Q^T @ W. The float model computes the same function; but the few channels where a
     Llama residual stream carries values 10-40x the rest are spread over all channels, so the
     per-token int8 scale of q/k/v's and gate/up's input no longer rides on them: SmolLM2's
-    perplexity cost of W8A8 on the benchmark text went from +2.0 % to +1.1 % (emulated,
-    docs/performance.md).
+    perplexity cost of W8A8 on the benchmark text went from +2.9 % to +0.5 % over bf16
+    (`benchmarks/quality.py`, docs/performance.md).
     """
 
     def __init__(self, tp: TensorParallel, dtype: torch.dtype, device: torch.device, quantization: str = "none",
