@@ -21,6 +21,7 @@ from PIL import Image
 from lightserve.backend.attention import make_attention
 from lightserve.backend.forward_state import ForwardState
 from lightserve.backend.image_inputs import ChunkImages, gather_image_embeds
+from lightserve.backend.mem_manager import LayerKV
 from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.models.llava import LlavaForConditionalGeneration
 from lightserve.backend.parallel import SINGLE, TensorParallel
@@ -113,7 +114,7 @@ class LlavaRunner:
         attention = make_attention("torch", split.num_q, split.num_kv, self.cfg.head_dim)
         self.model = LlavaForConditionalGeneration(str(model_dir), self.cfg, tp, torch.float32, torch.device("cpu"), attention)
         shape = (max_tokens, split.num_kv, self.cfg.head_dim)
-        self.kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.cfg.num_layers)]
+        self.kv = [LayerKV(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.cfg.num_layers)]
 
     def last_logits(self, reqs: list[GenerateReq], prefix: str) -> torch.Tensor:
         inputs = [r.prompt_ids + r.output_ids for r in reqs]
