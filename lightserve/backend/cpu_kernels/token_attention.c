@@ -26,9 +26,9 @@
  *
  * An int8 pool (K/V int8 with one fp32 scale per slot and kv head, value = int8 * scale) reads
  * half the bytes of a bf16 one. Each position's scale multiplies its score (q . k_int8, once
- * per dot product) and its probability (before the value step). With AVX512-VNNI and D a
- * multiple of 64 the dot products are integer ones (attend_unit_vnni, see its section);
- * otherwise int8 is widened to fp32 in the paths above. Its rows and scale lines are
+ * per dot product) and its probability (before the value step). With AVX512-VNNI and D = 64
+ * or 128 (the sizes with a compiled-in D) the dot products are integer ones (attend_unit_vnni,
+ * see its section); otherwise int8 is widened to fp32 in the paths above. Its rows and scale lines are
  * prefetched into L2 (prefetcht1) L2_PREFETCH_BYTES ahead instead of into L1: with rows this
  * short and two more scattered lines (the scales) per position, prefetches into L1 kept too few
  * lines in flight, presumably bounded by L1's miss buffers (measured on Zen 4, one thread,
@@ -585,7 +585,7 @@ ALWAYS_INLINE void unpermute_chunk(float *a) {
 }
 
 /*
- * attend_unit for an int8 pool with D a multiple of 64 (see the section's comment): the same
+ * attend_unit for an int8 pool with D = 64 or 128 (see the section's comment): the same
  * walk over blocks of BLOCK positions with an online softmax, with integer dot products.
  */
 ALWAYS_INLINE int attend_unit_vnni(const void *q, void *out, const char *k_row, const char *v_row,
@@ -835,12 +835,18 @@ static int attend_unit_dispatch(const void *q, void *out, const char *k_row, con
 #define VNNI(D_, BF16_)                                                                           \
     attend_unit_vnni(q, out, k_row, v_row, k_row_bytes, v_row_bytes, ks_row, vs_row,            \
                      scale_row_floats, slots, len, n_slots, n_kv, G, scale, work, D_, BF16_)
-    if (kv8 && D % 64 == 0 && D <= MAX_VEC_DIM) {
+    /* Only the common head sizes get the integer path, each with a compile-time D: every
+     * instance of it costs ~1 s of compile time, on the serving machine's first start. */
+    if (kv8 && (D == 64 || D == 128)) {
         if (bf16)
-            return D == 64 ? VNNI(64, 1) : D == 128 ? VNNI(128, 1) : VNNI(D, 1);
-        return D == 64 ? VNNI(64, 0) : D == 128 ? VNNI(128, 0) : VNNI(D, 0);
+            return D == 64 ? VNNI(64, 1) : VNNI(128, 1);
+        return D == 64 ? VNNI(64, 0) : VNNI(128, 0);
     }
 #undef VNNI
+    /* The VNNI path took D = 64 and 128: one instance with a run-time D serves the rest
+     * (compile-time D instances here would only add compile time). */
+    if (kv8)
+        return bf16 ? ATTEND(D, 1, 1) : ATTEND(D, 0, 1);
 #endif
     if (kv8)
         return bf16 ? BY_DIM(1, 1) : BY_DIM(0, 1);
