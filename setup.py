@@ -6,7 +6,7 @@ setup(
     description="A multi-process LLM serving system with TokenAttention KV cache and an Efficient Router",
     python_requires=">=3.10",
     packages=find_packages(include=["lightserve", "lightserve.*"]),
-    package_data={"lightserve": ["backend/cpu_kernels/*.c"]},
+    package_data={"lightserve": ["backend/cpu_kernels/*.c", "backend/cpu_kernels/*.h"]},
     install_requires=[
         # torch is pinned by the README/.ci (install torch==2.13.0 first); a bare range here
         # never pulls a different build when a suitable torch is already installed.

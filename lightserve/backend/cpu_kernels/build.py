@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "token_attention.c", _HERE / "context_attention.c", _HERE / "layer_ops.c", _HERE / "token_mask.c",
             _HERE / "int8_ops.c")
+_HEADERS = (_HERE / "rows.h",)  # included by the sources: part of the build's hash
 _LIBRARY = "cpu_kernels"
 _DEFAULT_COMPILER = "gcc"
 # -ffp-contract=off: no FMA where the torch reference rounds a product before adding (layer_ops.c).
@@ -112,7 +113,7 @@ def _build(compiler: list[str]) -> Path:
         [*compiler, "--version"], capture_output=True, text=True, check=True, timeout=_COMPILE_TIMEOUT_S,
     ).stdout.strip()
     command = " ".join([*compiler, *_CFLAGS])
-    parts = [s.read_bytes() for s in _SOURCES] + [command.encode(), version.encode(), _cpu_flags().encode()]
+    parts = [s.read_bytes() for s in (*_SOURCES, *_HEADERS)] + [command.encode(), version.encode(), _cpu_flags().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     cache = _cache_dir()
     target = cache / f"{_LIBRARY}-{key}.so"

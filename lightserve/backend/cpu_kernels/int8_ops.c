@@ -16,62 +16,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define HAVE_AVX512 1
-#else
-#define HAVE_AVX512 0
-#endif
-
-/* Elements a thread must get before another thread is worth waking (~20 us of work). */
-#define MIN_ELEMS_PER_THREAD 65536
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float load(const void *row, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
-static int threads_for(int64_t elems, int32_t n_threads) {
-    int64_t useful = 1 + elems / MIN_ELEMS_PER_THREAD;
-    if (n_threads > useful)
-        n_threads = (int32_t)useful;
-    return n_threads < 1 ? 1 : n_threads;
-}
-
-#if HAVE_AVX512
-static inline __m512 load16(const void *row, int64_t i, int bf16) {
-    if (!bf16)
-        return _mm512_loadu_ps((const float *)row + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Round-to-nearest-even bf16 bits of 16 lanes, packed to 16 x uint16 (NaN -> 0x7FC0). */
-static inline __m256i to_bf16x16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(r);
-}
-#endif
+#include "rows.h"
 
 static float absmax_of(const void *row, int64_t cols, int bf16) {
     int64_t i = 0;
@@ -151,7 +97,7 @@ int dequantize_rows(const int32_t *acc, int64_t rows, int64_t cols, const float 
             if (bias)
                 v = _mm512_add_ps(v, load16(bias, c, bf16));
             if (bf16)
-                _mm256_storeu_si256((__m256i *)((uint16_t *)o + c), to_bf16x16(v));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)o + c), _mm512_cvtepi32_epi16(bf16_bits16(v)));
             else
                 _mm512_storeu_ps((float *)o + c, v);
         }
@@ -160,10 +106,7 @@ int dequantize_rows(const int32_t *acc, int64_t rows, int64_t cols, const float 
             float v = ((float)a[c] * xs) * w_scale[c];
             if (bias)
                 v = v + load(bias, c, bf16);
-            if (bf16)
-                ((uint16_t *)o)[c] = f32_to_bf16(v);
-            else
-                ((float *)o)[c] = v;
+            store(o, c, v, bf16);
         }
     }
     return 0;
