@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from lightserve import LLM, SamplingParams
-from lightserve.backend.engine import SCORE_ROWS
+from lightserve.backend.prompt_scores import SCORE_ROWS
 from tests.test_server_e2e import wait_pool_free
 
 ATOL = 1e-4  # float32 server against float32 transformers

@@ -30,6 +30,7 @@ from lightserve.backend.mem_manager import MemoryManager, kv_cache_dtype
 from lightserve.backend.models import model_class
 from lightserve.backend.models.config import ModelConfig
 from lightserve.backend.parallel import SINGLE, TensorParallel
+from lightserve.backend.prompt_scores import score_prompts
 from lightserve.backend.req_manager import ReqManager
 from lightserve.backend.sampling import SampleResult, sample
 from lightserve.backend.sampling.grammar import GrammarMasks, MaskJob
@@ -38,12 +39,6 @@ from lightserve.prefix_cache.cache import Hold, PrefixCache, cache_key
 from lightserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-
-# Prompt rows whose logits a scored prompt computes at once: their fp32 logits and log-softmax
-# take 2 x rows x vocab x 4 bytes (100 MB at SmolLM2's 49152 tokens), however long the chunk
-# (a whole prompt without chunked prefill).
-SCORE_ROWS = 256
 
 
 def default_seed(req_id: int) -> int:
@@ -271,7 +266,7 @@ class ModelEngine:
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Write the step's tokens into KV, run the model, and return the fp32 logits [N, vocab]
         of the N rows that sample: every decode row, then each chunk that completes its prompt.
-        The chunks of prompts being scored are scored on the way (`_score_prompts`).
+        The chunks of prompts being scored are scored on the way (`prompt_scores.score_prompts`).
 
         Requests whose prompt completes join the decoding batch before sampling (`sample`).
         """
@@ -323,7 +318,7 @@ class ModelEngine:
         logits_rows = torch.cat([torch.arange(nd, device=dev),
                                  torch.tensor([nd + int(ends[j]) - 1 for j in completing], dtype=torch.long, device=dev)])
         hidden = self.model.hidden_states(input_ids, state, self.kv_cache)
-        self._score_prompts(hidden, chunks, state)
+        score_prompts(self.model, hidden, chunks, state)
         logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
         for req, n in chunks:
             req.computed += n
@@ -335,52 +330,6 @@ class ModelEngine:
         # Without decode rows the decoding batch sat this step out: the new rows join it after sampling.
         self._pending_joins = decoding is None
         return logits
-
-    def _score_prompts(self, hidden: torch.Tensor, chunks: list[tuple[ReqState, int]], state: ForwardState) -> None:
-        """Append to each scored request's `prompt_scores` its chunk's positions: the logprob of
-        the next prompt token there, and the top alternatives it asked for.
-
-        Only positions followed by a prompt token are scored: the prompt's last position predicts
-        the first generated token, which sampling reports. Every rank computes the same scores
-        (the logits are gathered across tensor-parallel ranks in `compute_logits`, so all ranks
-        must run it alike); the router reads rank 0's.
-        """
-        rows: list[int] = []
-        targets: list[int] = []
-        scored: list[tuple[ReqState, int]] = []
-        for (req, n), start in zip(chunks, state.b_start):
-            count = min(n, len(req.prompt_ids) - 1 - req.computed)
-            if req.prompt_scores is None or count <= 0:
-                continue
-            first = state.num_decode + start
-            rows.extend(range(first, first + count))
-            targets.extend(req.prompt_ids[req.computed + 1 : req.computed + 1 + count])
-            scored.append((req, count))
-        if not scored:
-            return
-        dev = hidden.device
-        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
-        targets_t = torch.tensor(targets, dtype=torch.long, device=dev)
-        k = max(req.sampling.prompt_logprobs for req, _ in scored)
-        chosen, top_values, top_ids = [], [], []
-        for a in range(0, len(rows), SCORE_ROWS):
-            logits = self.model.compute_logits(hidden.index_select(0, rows_t[a : a + SCORE_ROWS]))
-            log_probs = torch.log_softmax(logits, 1)
-            chosen.append(log_probs.gather(1, targets_t[a : a + SCORE_ROWS, None]).squeeze(1))
-            if k:
-                values, ids = torch.topk(log_probs, k, dim=1)
-                top_values.append(values)
-                top_ids.append(ids)
-        logprobs = torch.cat(chosen).tolist()
-        values_l = torch.cat(top_values).tolist() if k else []
-        ids_l = torch.cat(top_ids).tolist() if k else []
-        at = 0
-        for req, count in scored:
-            req.prompt_scores.logprobs.extend(logprobs[at : at + count])
-            if n_top := req.sampling.prompt_logprobs:
-                req.prompt_scores.top_logprobs.extend(
-                    list(zip(ids_l[i][:n_top], values_l[i][:n_top])) for i in range(at, at + count))
-            at += count
 
     @property
     def sampling_req_ids(self) -> list[int]:
