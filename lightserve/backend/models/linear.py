@@ -261,8 +261,11 @@ class LinearFactory:
         return weight.to(device=self.device, dtype=self.dtype)
 
     def embedding(self, weight: torch.Tensor) -> torch.Tensor:
-        """The embedding table (rows of the residual stream)."""
-        return self.to_residual(weight.to(self.device)).to(self.dtype).contiguous()
+        """The embedding table (rows of the residual stream), rotated in fp32 and rounded once."""
+        weight = weight.to(self.device)
+        if self.rotation is not None:
+            weight = weight.float() @ self.rotation.to(self.device)
+        return weight.to(self.dtype).contiguous()
 
     def to_residual(self, x: torch.Tensor) -> torch.Tensor:
         """Vectors entering the residual stream (embeddings, image embeddings), rotated like it."""
