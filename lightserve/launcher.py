@@ -215,14 +215,13 @@ def launch(args: ServerArgs) -> int:
             others.append(("visual", start_visual_process, (args, paths, model_dir)))
         starting = children.spawn(ranks + others)
         # While the children import torch and load the model, this process loads its own side.
-        from transformers import AutoTokenizer
-
         from lightserve.httpserver.app import build_app
         from lightserve.httpserver.images import ImageIntake
         from lightserve.httpserver.manager import HttpServerManager
+        from lightserve.utils.tokenizer import load_tokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            tokenizer = load_tokenizer(tokenizer_dir)
         except Exception as e:
             starting.wait()  # a child's own start-up error, if any, names the problem first
             raise ChildStartError(f"cannot load the tokenizer from {tokenizer_dir}: {e}") from e

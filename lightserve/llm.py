@@ -9,7 +9,6 @@ from typing import Any, Optional, Sequence, Union
 
 import msgspec
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from lightserve.backend.engine import ModelEngine
 from lightserve.detokenization.manager import TextAssembler
@@ -17,6 +16,7 @@ from lightserve.io_struct import FinishReason, GenerateReq, PromptLogprobs, Samp
 from lightserve.router.scheduler import Scheduler
 from lightserve.server_args import ServerArgs
 from lightserve.utils.grammar import compile_grammar
+from lightserve.utils.tokenizer import load_tokenizer
 
 Prompt = Union[str, list[int]]
 
@@ -61,7 +61,7 @@ class LLM:
 
         self.args = ServerArgs(model_dir=model_dir, **server_args)
         self.model_dir = str(model_dir or embedded_model_dir())
-        self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_dir or self.model_dir)
+        self.tokenizer = load_tokenizer(self.args.tokenizer_dir or self.model_dir)
         self.engine = ModelEngine(self.args, self.model_dir)
         self.scheduler = Scheduler.for_server(self.args, self.engine, self.engine.mem.size)
         self.queue = self.scheduler.queue

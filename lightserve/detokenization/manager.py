@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import zmq
-from transformers import PreTrainedTokenizerFast
 
 from lightserve.detokenization.incremental import IncrementalDetokenizer
 from lightserve.io_struct import AbortReq, BatchTextOut, FinishReason, GenerateReq, TextOut, TokenOut
@@ -21,6 +19,7 @@ from lightserve.utils import serde
 from lightserve.utils.inbox import drain
 from lightserve.utils.process import run_child
 from lightserve.utils.run_paths import RunPaths
+from lightserve.utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +62,9 @@ class TextAssembler:
         )
 
 
-def _load_tokenizer(tokenizer_dir: str):
-    """The tokenizer, for decoding. A directory with `tokenizer.json` loads as transformers' fast
-    tokenizer directly: `AutoTokenizer` would import torch first (1-2.5 s of this process's
-    start-up for nothing: decoding runs in the tokenizers library either way)."""
-    if (Path(tokenizer_dir) / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 class DetokenizationManager:
     def __init__(self, args: ServerArgs, paths: RunPaths, tokenizer_dir: str):
-        self.tokenizer = _load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         ctx = zmq.Context()
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.bind(paths.detok_in)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from PIL import Image
-from transformers import AutoConfig, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Formats accepted from clients. PIL can open many more, some through external programs
 # (EPS runs Ghostscript) or with a history of parser bugs; web images need only these.
@@ -29,7 +31,7 @@ class VisionSpec:
     hidden_size: int  # the language model's hidden size (embedding width)
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> "VisionSpec":
+    def from_config(cls, config: "PretrainedConfig") -> "VisionSpec":
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
         # "default" drops the CLS position of the tower's output, "full" keeps it.
@@ -38,6 +40,8 @@ class VisionSpec:
 
     @classmethod
     def from_model_dir(cls, model_dir: Union[str, Path]) -> "VisionSpec":
+        from transformers import AutoConfig  # imports torch: only multimodal servers pay for it
+
         config = AutoConfig.from_pretrained(model_dir)
         if getattr(config, "vision_config", None) is None:
             raise ValueError(f"{model_dir} is not a vision-language model (config.json has no vision_config)")

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import llguidance
-import llguidance.hf
 import tokenizers
 import torch
 
@@ -72,10 +71,11 @@ def _build_tokenizer(tokenizer_dir: str, vocab_size: int, eos_ids: Sequence[int]
         backend.no_padding()
         backend.no_truncation()
         return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
-    from transformers import AutoTokenizer
+    from llguidance.hf import from_tokenizer  # imports transformers: only without tokenizer.json
 
-    hf = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=list(eos_ids))
+    from lightserve.utils.tokenizer import load_tokenizer
+
+    return from_tokenizer(load_tokenizer(tokenizer_dir), n_vocab=vocab_size, eos_token=list(eos_ids))
 
 
 @dataclass
