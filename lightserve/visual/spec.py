@@ -8,9 +8,10 @@ modelling code (about 4 s of start-up) into a process that never runs a model.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from PIL import Image
 
@@ -31,21 +32,40 @@ class VisionSpec:
     hidden_size: int  # the language model's hidden size (embedding width)
 
     @classmethod
+    def from_geometry(cls, image_token_id: int, image_size: int, patch_size: int, select_strategy: str,
+                      hidden_size: int) -> "VisionSpec":
+        side = image_size // patch_size
+        # "default" drops the CLS position of the tower's output, "full" keeps it.
+        extra = 1 if select_strategy == "full" else 0
+        return cls(image_token_id, side * side + extra, hidden_size)
+
+    @classmethod
     def from_config(cls, config: "PretrainedConfig") -> "VisionSpec":
         vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        # "default" drops the CLS position of the tower's output, "full" keeps it.
-        extra = 1 if config.vision_feature_select_strategy == "full" else 0
-        return cls(config.image_token_id, side * side + extra, config.text_config.hidden_size)
+        return cls.from_geometry(config.image_token_id, vision.image_size, vision.patch_size,
+                                 config.vision_feature_select_strategy, config.text_config.hidden_size)
 
     @classmethod
     def from_model_dir(cls, model_dir: Union[str, Path]) -> "VisionSpec":
-        from transformers import AutoConfig  # imports torch: only multimodal servers pay for it
-
-        config = AutoConfig.from_pretrained(model_dir)
-        if getattr(config, "vision_config", None) is None:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        if not isinstance(cfg.get("vision_config"), dict):
             raise ValueError(f"{model_dir} is not a vision-language model (config.json has no vision_config)")
-        return cls.from_config(config)
+        spelled_out = cls._from_config_json(cfg)
+        if spelled_out is not None:
+            return spelled_out
+        # A config that leaves fields to transformers' defaults (llava-hf checkpoints often do).
+        from transformers import AutoConfig  # imports torch, 1.5-2.5 s: only for such configs
+
+        return cls.from_config(AutoConfig.from_pretrained(model_dir))
+
+    @classmethod
+    def _from_config_json(cls, cfg: dict) -> Optional["VisionSpec"]:
+        """The spec from config.json alone, or None where it leaves a field to the defaults."""
+        vision, text = cfg["vision_config"], cfg.get("text_config") or {}
+        token = cfg.get("image_token_id", cfg.get("image_token_index"))
+        fields = (token, vision.get("image_size"), vision.get("patch_size"),
+                  cfg.get("vision_feature_select_strategy"), text.get("hidden_size"))
+        return None if None in fields else cls.from_geometry(*fields)
 
 
 def load_image(data: bytes) -> Image.Image:

@@ -74,14 +74,30 @@ class ModelConfig:
         return cls.from_dict(cfg)
 
 
+# What `ModelConfig.from_dict` reads and a family's config class may fill with a default of its own.
+LANGUAGE_MODEL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                         "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+                         "tie_word_embeddings", "bos_token_id", "eos_token_id")
+
+
 def language_model_config(text_config: dict[str, Any]) -> dict[str, Any]:
     """A vision-language config's nested `text_config` with every field filled in.
 
     llava-hf checkpoints often store only the fields that differ from the language model's
     defaults (llava-1.5-7b-hf lists no hidden size at all), so the missing ones come from
     transformers' config class of that `model_type`, built from the given fields (derived
-    values such as head_dim then follow the given hidden size, not a default one).
+    values such as head_dim then follow the given hidden size, not a default one). A config that
+    spells every field out is taken as it is: importing transformers' config classes costs 2-3 s
+    of CPU at start-up.
     """
+    has_rope = any(k in text_config for k in ("rope_parameters", "rope_theta"))
+    if has_rope and all(k in text_config for k in LANGUAGE_MODEL_FIELDS):
+        return dict(text_config)
+    return filled_language_model_config(text_config)
+
+
+def filled_language_model_config(text_config: dict[str, Any]) -> dict[str, Any]:
+    """`text_config` completed by transformers' config class of its model type."""
     from transformers import CONFIG_MAPPING
 
     fields = {k: v for k, v in text_config.items() if k != "model_type"}
