@@ -5,8 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.model_factory import build_tiny_model
-
 # Two cores here; tests that spawn processes set their own thread counts.
 torch.set_num_threads(2)
 
@@ -14,6 +12,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """One tiny random checkpoint per supported family, built once per test session."""
+    from tests.model_factory import build_tiny_model  # imports transformers' models: 4 s
+
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: build_tiny_model(family, root / family) for family in ("llama", "llama_tied", "mistral", "qwen2")}
 

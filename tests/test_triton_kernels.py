@@ -32,9 +32,11 @@ def _run(args: list[str], env_changes: dict[str, str | None], timeout: int) -> s
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_kernels_match_torch_in_the_interpreter():
+def test_kernels_match_torch_in_the_interpreter(tiny_model_dirs):
+    # No plugins: the cases need none, and loading (and assertion-rewriting) them costs 3-4 s.
     proc = _run(["-m", "pytest", "tests/triton_cases.py", "-q", "-p", "no:cacheprovider"],
-                {"TRITON_INTERPRET": "1"}, timeout=900)
+                {"TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+                 "LIGHTSERVE_TEST_TINY_LLAMA": str(tiny_model_dirs["llama"])}, timeout=900)
     assert proc.returncode == 0, f"interpreted kernel tests failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 

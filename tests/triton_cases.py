@@ -39,7 +39,6 @@ from lightserve.backend.models.rotary import apply_rotary  # noqa: E402
 from lightserve.backend.models.torch_ops import TorchOps  # noqa: E402
 from lightserve.server_args import ServerArgs  # noqa: E402
 from tests.engine_steps import assert_kv_whole, greedy_with_late_joiners  # noqa: E402
-from tests.model_factory import build_tiny_model  # noqa: E402
 
 assert runtime.INTERPRET, "TRITON_INTERPRET=1 must be set before the kernel modules are imported"
 
@@ -383,8 +382,9 @@ def test_kv_scales_must_match_the_pool():
 
 # ---- end to end -----------------------------------------------------------------------------
 
-def test_tiny_llama_greedy_tokens_match_torch_backend(tmp_path):
-    model_dir = build_tiny_model("llama", tmp_path / "llama")
+def test_tiny_llama_greedy_tokens_match_torch_backend():
+    # The parent test session's tiny Llama: building one here would import transformers' models (4 s).
+    model_dir = os.environ["LIGHTSERVE_TEST_TINY_LLAMA"]
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (1, 5, 17, 70)]
 
