@@ -44,7 +44,6 @@ start_visual_process = EntryPoint("lightserve.visual.manager", "start_visual_pro
 logger = logging.getLogger("lightserve")
 
 START_TIMEOUT_S = 600.0
-GRACEFUL_SHUTDOWN_S = 5.0  # requests in flight at SIGTERM get this long to finish
 
 
 class ChildStartError(RuntimeError):
@@ -192,6 +191,9 @@ def _serve_ranks_only(args: ServerArgs, children: ChildGroup, ranks: list) -> in
 def launch(args: ServerArgs) -> int:
     from lightserve.utils.embedded_model import embedded_model_dir
 
+    if not args.graceful_shutdown_s >= 0:
+        logger.error("start-up failed: --graceful_shutdown_s must be a number of seconds >= 0")
+        return 1
     # uvicorn handles SIGTERM/SIGINT while serving and re-raises the signal after its graceful
     # shutdown; outside that window too, a stop request must run the clean-up below.
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -234,9 +236,11 @@ def launch(args: ServerArgs) -> int:
         images = ImageIntake.for_server(args, paths, model_dir, tokenizer) if args.enable_multimodal else None
         manager = HttpServerManager(args, paths, tokenizer, images)
         app = build_app(manager, args)
+        grace = args.graceful_shutdown_s
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        server = _Server(config, manager, fail_after_s=GRACEFUL_SHUTDOWN_S - 1.0)
+                                timeout_graceful_shutdown=grace)
+        # Requests still running end with our error a second before uvicorn would cut them.
+        server = _Server(config, manager, fail_after_s=max(grace - 1.0, grace / 2))
         exit_code = 0
 
         def on_child_death(reason: str) -> None:

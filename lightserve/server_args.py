@@ -45,6 +45,7 @@ class ServerArgs:
     dist_init_addr: Optional[str] = field(default=None, metadata={"help": "host:port of torch.distributed rendezvous (multi-node)"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted, in bytes (larger: 413)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require `Authorization: Bearer KEY` on every route but /health"})
+    graceful_shutdown_s: float = field(default=5.0, metadata={"help": "after SIGTERM/SIGINT, seconds the requests in flight get to finish; those still running then end with an error"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between the router's throughput/load log lines while busy (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed for weights-independent randomness (request seeds are per request)"})
