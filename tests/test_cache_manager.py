@@ -164,8 +164,8 @@ def test_random_alloc_release_keeps_the_invariants(ops):
             assert stats.records <= 3
             # Every referenced record exists with its exact reference count; files match records.
             statuses = dict(zip(set(held), cache.status(list(set(held)))))
-            for rid, st in statuses.items():
-                assert st.exists and st.refs == held.count(rid)
+            for rid, status in statuses.items():
+                assert status.exists and status.refs == held.count(rid)
             assert stats.referenced == len(statuses)
             assert len(segments(prefix)) == stats.records
     finally:

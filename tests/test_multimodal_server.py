@@ -2,9 +2,9 @@
 
 Greedy outputs are compared token for token with transformers'
 `LlavaForConditionalGeneration.generate` on the same image and prompt, at tp=1 and tp=2. One
-server (tp=1, an image cache of 2 records) serves most tests; the tp=2 server and the servers
-whose children are killed are started on their own. Every server must leave no shared-memory
-segment behind. Two pieces are checked without a server: the engine recomputing a paused
+server (tp=1, an image cache of 2 records) serves most tests; the tp=2 server (which ends with
+its visual server killed) and the one whose cache manager is killed are started on their own.
+Every server must leave no shared-memory segment behind. Two pieces are checked without a server: the engine recomputing a paused
 request with its images, and the fetch behind --allow_remote_images (against a local HTTP server).
 """
 
@@ -291,27 +291,32 @@ def test_a_paused_request_is_recomputed_with_its_images(llava_dir, hf_llava):
 
 # ---- tensor parallel --------------------------------------------------------------------------------
 
-def test_tensor_parallel_2_matches_transformers(llava_dir, hf_llava):
+def test_tensor_parallel_2_matches_transformers_and_dies_cleanly_with_its_visual_server(llava_dir, hf_llava):
+    """tp=2 answers equal transformers'; then the visual server is killed under a stream, and the
+    server goes down as any child death takes it down (the cache manager's case: below, at tp=1)."""
     s = ServerProcess(llava_dir, *SERVER_ARGS, "--tp", "2")
-    run_dir = s.run_dir()
     try:
+        run_dir = s.run_dir()
         images = [random_image(20 + i, 56, 40) for i in range(3)]
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda image: generated_ids(s, PROMPT, [image]), images))
         assert answers == [hf_generate(hf_llava, PROMPT, [image], NEW_TOKENS)[1] for image in images]
+        _kill_under_a_stream(s, run_dir, "visual", "visual.sock")
     finally:
-        _stopped_cleanly(s, run_dir)
+        s.stop()
 
 
 # ---- a child dies ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("child,socket_name", [("visual", "visual.sock"), ("cache_manager", "cache.rpyc")])
-def test_a_killed_multimodal_child_fails_requests_and_stops_the_server_cleanly(llava_dir, child: str, socket_name: str):
+def test_a_killed_cache_manager_fails_requests_and_stops_the_server_cleanly(llava_dir):
     server = ServerProcess(llava_dir, *SERVER_ARGS)
     try:
-        run_dir = server.run_dir()
-        body = tgi_body(PROMPT, [random_image(30, 40, 40)], max_new_tokens=400, ignore_eos=True)
-        events, killed_at = kill_child_mid_stream(server, socket_name, body)
-        assert_stopped_after_child_death(server, run_dir, child, events, killed_at)
+        _kill_under_a_stream(server, server.run_dir(), "cache_manager", "cache.rpyc")
     finally:
         server.stop()
+
+
+def _kill_under_a_stream(server: ServerProcess, run_dir: str, child: str, socket_name: str) -> None:
+    body = tgi_body(PROMPT, [random_image(30, 40, 40)], max_new_tokens=400, ignore_eos=True)
+    events, killed_at = kill_child_mid_stream(server, socket_name, body)
+    assert_stopped_after_child_death(server, run_dir, child, events, killed_at)

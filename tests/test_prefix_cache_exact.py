@@ -19,7 +19,7 @@ from lightserve.prefix_cache.cache import request_key
 from tests.engine_steps import assert_kv_whole, decode, prefill
 from tests.test_model_vs_transformers import _engine
 
-NEW_TOKENS = 12
+NEW_TOKENS = 8
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps as his "
         "father had taught him, and lit the great lamp that warned the fishing boats away from the rocks. ")

@@ -19,7 +19,7 @@ QUESTIONS = [
     "Translate 'good morning' into Spanish.",
     "What is 12 times 7?",
 ]
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -112,18 +113,26 @@ def test_smollm2_tp2_server_token_exact_with_tp1(smollm2_dir, smol_server):
     questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?"]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=False) for q in questions]
-    expected = [_generate(smol_server.url, p, 24) for p in prompts]
+    expected = _generate_together(smol_server.url, prompts, 24)
     with ServerProcess(smollm2_dir, "--tp", "2", *SMOL_SERVER_FLAGS) as server:
-        # The prompts share the chat template's system prompt, and the first comes back at the end
-        # whole: both ranks serve it from their prefix caches, which must stay identical.
-        for prompt, exp in zip(prompts + prompts[:1], expected + expected[:1]):
-            body = _generate(server.url, prompt, 24)
+        # The prompts share the chat template's system prompt. The first runs alone; the other two
+        # then hit its system prompt and, batched with them, the first comes back whole: both
+        # ranks serve all three from their prefix caches, which must stay identical.
+        answers = _generate_together(server.url, prompts[:1], 24)
+        answers += _generate_together(server.url, prompts[1:] + prompts[:1], 24)
+        for body, exp in zip(answers, expected + expected[:1]):
             assert [t["id"] for t in body["details"]["tokens"]] == [t["id"] for t in exp["details"]["tokens"]]
             assert body["generated_text"] == exp["generated_text"]
         hits = next(s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
                     for s in f.samples if s.name == "lightserve_prefix_cache_hits_total")
         prompt_tokens = len(tokenizer(prompts[0]).input_ids)
         assert hits >= prompt_tokens - 1 + 2 * 20  # the repeat, and the system prompt twice
+
+
+def _generate_together(url: str, prompts: list[str], n: int) -> list[dict]:
+    """`prompts` sent at once (the server batches them); the answers in prompt order."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: _generate(url, p, n), prompts))
 
 
 def test_two_nodes_on_loopback_serve_a_request(tiny_served_model, tiny_llm_expected):
