@@ -63,7 +63,7 @@ class LaunchedServer:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise TimeoutError(f"server not healthy after {self.start_timeout_s} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
