@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
+import os
 import signal
 import traceback
 from dataclasses import dataclass, field
@@ -43,7 +44,11 @@ def run_child(name: str, pipe: Connection, log_level: str, setup: Callable[[], t
     can stop everything and show why.
     """
     die_with_parent()
-    # The launcher handles SIGINT (Ctrl-C reaches the whole process group) and stops children.
+    # A session of its own: a signal sent to the launcher's process group (Ctrl-C's SIGINT,
+    # `kill -TERM -PGID`, `timeout`) reaches the launcher only, which lets the requests in flight
+    # finish and then stops the children. Had the children received it too, they would have died
+    # at once and the launcher would have reported a crash.
+    os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_child_logging(log_level, name)
     try:
