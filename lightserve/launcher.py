@@ -239,7 +239,8 @@ def launch(args: ServerArgs) -> int:
         grace = args.graceful_shutdown_s
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=grace)
-        # Requests still running end with our error a second before uvicorn would cut them.
+        # Requests still running end with our error a second before uvicorn would cut them
+        # (half-way through a grace under 2 s).
         server = _Server(config, manager, fail_after_s=max(grace - 1.0, grace / 2))
         exit_code = 0
 
