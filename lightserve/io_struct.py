@@ -132,6 +132,12 @@ class GenerateReq(Message, tag=True):
     # Tokens generated before the request was paused; recomputed with the prompt on resume.
     output_ids: list[int] = msgspec.field(default_factory=list)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether this admission computes the prompt's scores (`SamplingParams.prompt_logprobs`):
+        on the first one only, as a resumed request sent them before its pause."""
+        return self.sampling.prompt_logprobs is not None and not self.output_ids
+
 
 class AbortReq(Message, tag=True):
     req_id: int

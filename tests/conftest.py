@@ -27,6 +27,14 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2(smollm2_dir):
+    """transformers' SmolLM2 in fp32: the reference of the token-exact tests (loaded once)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_served_model(tmp_path_factory, smollm2_dir) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer: fast to serve, real text in and out."""
     from tests.model_factory import build_tiny_model_with_tokenizer

@@ -19,7 +19,7 @@ from lightserve.utils.tokenizer import GENERIC_TOKENIZER_MODEL_TYPES, load_token
 from lightserve.visual.spec import VisionSpec
 from tests.model_factory import TOKENIZER_FILES
 
-TEXTS = ["Hello, world!", "  two  spaces\nand a newline", "<|im_start|>user\nhi<|im_end|>", "naïve café 東京 🙂"]
+TEXTS = ["Hello, world!", "  two  spaces\nand a newline", "<|im_start|>user\nhi<|im_end|>", "na\u00efve caf\u00e9 \u6771\u4eac \U0001f642"]  # accents, CJK, an emoji
 
 
 def _checkpoint(tmp_path: Path, smollm2_dir: Path, model_type: str) -> Path:

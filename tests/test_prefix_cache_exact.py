@@ -31,8 +31,8 @@ def tokenizer(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+def hf(hf_smollm2):
+    model = hf_smollm2
     memo: dict[tuple[int, ...], list[int]] = {}
 
     def generate(prompt: list[int]) -> list[int]:

@@ -37,8 +37,8 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_outputs(smollm2_dir, prompts) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+def hf_outputs(hf_smollm2, prompts) -> list[list[int]]:
+    model = hf_smollm2
     outs = []
     with torch.no_grad():
         for p in prompts:

@@ -226,8 +226,7 @@ class ModelEngine:
                 refused.append(TokenOut(r.req_id, -1, 0.0, FinishReason.ABORT, prompt_tokens=len(r.prompt_ids),
                                         error=f"the backend cannot serve this request: {why}"))
                 continue
-            # A resumed request (it has output) sent its prompt's scores before its pause.
-            scores = PromptLogprobs([]) if r.sampling.prompt_logprobs is not None and not r.output_ids else None
+            scores = PromptLogprobs([]) if r.scores_prompt else None
             if scores is not None and n_cached:
                 self.prefix_cache.unlock(hold)
                 raise RuntimeError(f"request {r.req_id} scores its prompt but the router gave it {n_cached} cached tokens")

@@ -61,11 +61,11 @@ def hit_limit(req: GenerateReq) -> int:
     """How many of a new (or resumed) request's first tokens a cache hit may cover.
 
     All but the last: a request always computes at least one token, whose logits sample its next
-    one. None when the request scores its prompt (`SamplingParams.prompt_logprobs`) on its first
-    admission: every prompt position needs its logits, which a hit would skip (vLLM does the same);
-    its computed KV still goes to the cache. A resumed request already sent its scores.
+    one. None of them when the request scores its prompt (`GenerateReq.scores_prompt`): every prompt
+    position needs its logits, which a hit would skip (vLLM does the same); its computed KV still
+    goes to the cache.
     """
-    if req.sampling.prompt_logprobs is not None and not req.output_ids:
+    if req.scores_prompt:
         return 0
     return len(req.prompt_ids) + len(req.output_ids) - 1
 
